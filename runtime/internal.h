@@ -1,0 +1,81 @@
+/* internal.h — what the runtime and the kernels share and the public ABI hides:
+ * the tensor and storage structs, error helpers, shape helpers, threads. */
+#ifndef TESSERA_INTERNAL_H
+#define TESSERA_INTERNAL_H
+
+#include "tessera.h"
+#include <stdarg.h>
+
+/* Storage: one refcounted allocation on one device. Views share it. */
+typedef struct ts_storage {
+  int64_t refcount;
+  void *data;
+  size_t nbytes;
+  ts_device device;
+  /* Who owns `data`: NULL means the device allocator; otherwise this releases it (mmap, ...). */
+  void (*release)(struct ts_storage *s);
+  void *release_ctx;
+} ts_storage;
+
+struct ts_tensor {
+  int64_t refcount;
+  ts_storage *storage;
+  int64_t offset;                 /* elements */
+  int64_t shape[TS_MAX_DIMS];
+  int64_t stride[TS_MAX_DIMS];    /* elements; 0 for broadcast dims */
+  int ndim;
+  int dtype;
+  ts_device device;
+};
+
+/* ---- errors: set the thread-local message, return the status (or NULL) ---------------------- */
+int ts_set_error(int status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define TS_FAIL_NULL(status, ...) (ts_set_error((status), __VA_ARGS__), (ts_tensor *)NULL)
+/* Formats a shape as "[2,3]" into one of a few rotating thread-local buffers, so that several
+   may appear in one error message. */
+const char *ts_shape_str(int ndim, const int64_t *shape);
+const char *ts_tshape(const ts_tensor *t);
+const char *ts_device_str(ts_device dev);
+
+/* ---- helpers used across the runtime --------------------------------------------------------- */
+int ts_wrap_dim(const char *op, int dim, int ndim, int *out);    /* negative dims; errors name op */
+int64_t ts_shape_numel(int ndim, const int64_t *shape);
+int ts_check_shape(const char *op, int ndim, const int64_t *shape); /* rank, negatives, overflow */
+int ts_broadcast_shapes(const char *op, const ts_tensor *a, const ts_tensor *b, int *ndim, int64_t *shape);
+int ts_same_device(const char *op, const ts_tensor *a, const ts_tensor *b);
+int ts_device_equal(ts_device a, ts_device b);
+static inline ts_device ts_cpu(void) { ts_device d = {TS_CPU, 0}; return d; }
+static inline char *ts_elem_ptr(const ts_tensor *t) {
+  return (char *)t->storage->data + t->offset * (int64_t)ts_dtype_size(t->dtype);
+}
+
+/* A tensor header over existing storage (takes a storage reference). */
+ts_tensor *ts_tensor_over(ts_storage *s, int ndim, const int64_t *shape, const int64_t *stride,
+                          int64_t offset, int dtype);
+ts_tensor *ts_empty_like_shape(const ts_tensor *like, int ndim, const int64_t *shape, int dtype);
+ts_storage *ts_storage_new(size_t nbytes, ts_device dev);
+void ts_storage_release(ts_storage *s);
+void ts_contiguous_strides(int ndim, const int64_t *shape, int64_t *stride);
+int ts_has_internal_overlap(const ts_tensor *t);  /* a written tensor must not have stride-0 dims */
+
+/* ---- host allocator statistics (device allocators report through the same counters) ---------- */
+void ts_stats_on_alloc(ts_device dev, int64_t bytes);
+void ts_stats_on_free(ts_device dev, int64_t bytes);
+
+/* ---- threads --------------------------------------------------------------------------------- */
+/* Runs fn over [0, n) split into contiguous chunks of at least `grain` items across the pool.
+   Calls from inside a parallel region run serially. */
+typedef void (*ts_range_fn)(int64_t begin, int64_t end, void *ctx);
+void ts_parallel_for(int64_t n, int64_t grain, ts_range_fn fn, void *ctx);
+
+/* ---- half precision conversions (round to nearest even) -------------------------------------- */
+float ts_half_to_float(uint16_t h);
+uint16_t ts_float_to_half(float f);
+float ts_bf16_to_float(uint16_t h);
+uint16_t ts_float_to_bf16(float f);
+
+/* ---- elementwise result types (shared by the runtime and the autograd layer) ----------------- */
+int ts_unary_result_dtype(int op, int in_dtype);
+int ts_binary_result_dtype(int op, int a_dtype, int b_dtype);
+
+#endif
