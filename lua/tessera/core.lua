@@ -1,0 +1,240 @@
+-- tessera.core — the binding's foundation: loads libtessera with the cdef generated from
+-- tessera.h, defines the Tensor cdata type, turns C errors into Lua errors, and parses the
+-- arguments every other module shares (dtypes, devices, shapes, dims).
+--
+-- A Lua tensor is a small struct cdata holding one reference to a C ts_tensor. Its ffi.gc
+-- finalizer only drops that reference (plain C, never raises, never calls into Lua);
+-- t:free() releases at once and disarms the finalizer, after which any use is an error.
+local ffi = require 'ffi'
+
+local config = require 'tessera.config'
+ffi.cdef(require 'tessera.cdef')
+ffi.cdef [[ typedef struct tessera_tensor { ts_tensor *h; } tessera_tensor; ]]
+
+local C = ffi.load(os.getenv('TESSERA_LIBRARY') or config.library)
+if C.tessera_abi_version() ~= C.TESSERA_ABI_VERSION then
+  error(string.format('tessera: libtessera ABI %d does not match the Lua binding (ABI %d); rebuild',
+    C.tessera_abi_version(), C.TESSERA_ABI_VERSION), 0)
+end
+
+local core = { ffi = ffi, C = C, version = config.version }
+local T = {}          -- the public namespace, `require 'tessera'`
+local Tensor = {}     -- tensor methods; properties live in core.properties
+core.T, core.Tensor, core.properties = T, Tensor, {}
+
+-- ---- errors ------------------------------------------------------------------------------------
+-- Raises the C library's last error. Level 0: the message names the op and shapes already.
+function core.raise()
+  local msg = ffi.string(C.ts_last_error())
+  C.ts_clear_error()
+  error(msg ~= '' and msg or 'tessera: unknown error', 0)
+end
+
+function core.check(status)
+  if status ~= 0 then core.raise() end
+end
+
+-- ---- tensor references and garbage collection ----------------------------------------------------
+local tensor_ct = ffi.typeof('tessera_tensor')
+core.tensor_ct = tensor_ct
+
+local function finalize(ref)
+  if ref.h ~= nil then C.ts_release(ref.h) end
+end
+
+-- LuaJIT sees a tensor as 16 bytes, whatever its C-side size. To keep memory bounded we run a
+-- full collection whenever the host has allocated more than `gc_budget` bytes since the last one;
+-- the budget grows with what is still alive afterwards, so steady states do not collect per op.
+local GC_MIN_BUDGET = 64 * 1024 * 1024
+local gc_budget, gc_mark = GC_MIN_BUDGET, 0
+local stats = ffi.new('ts_memory_stats')
+local cpu_device = ffi.new('ts_device', { C.TS_CPU, 0 })
+
+local function step_gc()
+  local total = tonumber(C.ts_host_bytes_allocated_total())
+  if total - gc_mark > gc_budget then
+    collectgarbage('collect')
+    C.ts_memory_stats_get(cpu_device, stats)
+    gc_mark = tonumber(C.ts_host_bytes_allocated_total())
+    gc_budget = math.max(GC_MIN_BUDGET, tonumber(stats.live_bytes))
+  end
+end
+
+-- Wraps a new C reference (NULL means the C call failed: raise its error).
+function core.wrap(h)
+  if h == nil then core.raise() end
+  step_gc()
+  return ffi.gc(tensor_ct(h), finalize)
+end
+
+function core.is_tensor(x) return ffi.istype(tensor_ct, x) end
+T.is_tensor = core.is_tensor
+
+-- The C handle of a tensor argument; `what` names it in errors.
+function core.handle(t, what)
+  if not ffi.istype(tensor_ct, t) then
+    error(string.format('%s: expected a tensor, got %s', what or 'tessera', type(t)), 0)
+  end
+  local h = t.h
+  if h == nil then error((what or 'tessera') .. ': tensor used after free()', 0) end
+  return h
+end
+
+function Tensor.free(t)
+  local h = t.h
+  if h ~= nil then
+    t.h = nil
+    ffi.gc(t, nil)
+    C.ts_release(h)
+  end
+end
+
+function Tensor.is_freed(t) return t.h == nil end
+
+-- ---- dtypes ------------------------------------------------------------------------------------
+local dtype_ids = {
+  float32 = C.TS_F32, float = C.TS_F32, f32 = C.TS_F32,
+  float64 = C.TS_F64, double = C.TS_F64, f64 = C.TS_F64,
+  float16 = C.TS_F16, half = C.TS_F16, f16 = C.TS_F16,
+  bfloat16 = C.TS_BF16, bf16 = C.TS_BF16,
+  int64 = C.TS_I64, long = C.TS_I64, i64 = C.TS_I64,
+  int32 = C.TS_I32, int = C.TS_I32, i32 = C.TS_I32,
+  uint8 = C.TS_U8, byte = C.TS_U8, u8 = C.TS_U8,
+  bool = C.TS_BOOL,
+}
+local dtype_names = {}
+for id = 0, C.TS_NUM_DTYPES - 1 do
+  dtype_names[id] = ffi.string(C.ts_dtype_name(id))
+  T[dtype_names[id]] = dtype_names[id]   -- T.float32 == 'float32', as torch.float32
+end
+core.dtype_names = dtype_names
+
+local default_dtype = C.TS_F32
+function T.set_default_dtype(d) default_dtype = core.dtype(d) end
+function T.get_default_dtype() return dtype_names[default_dtype] end
+
+-- A dtype id from a name ('float32', 'float', 'int64', ...); nil gives the default.
+function core.dtype(d, what)
+  if d == nil then return default_dtype end
+  local id = dtype_ids[d]
+  if id == nil then
+    local valid = {}
+    for _, n in pairs(dtype_names) do valid[#valid + 1] = n end
+    table.sort(valid)
+    error(string.format('%s: unknown dtype %s (valid: %s)', what or 'tessera', tostring(d),
+      table.concat(valid, ', ')), 0)
+  end
+  return id
+end
+
+function core.is_floating(id) return C.ts_dtype_is_floating(id) ~= 0 end
+
+-- ---- devices -----------------------------------------------------------------------------------
+-- 'cpu', 'cuda' (device 0), 'cuda:1' → a ts_device value.
+function core.device(d, what)
+  if d == nil or d == 'cpu' then return cpu_device end
+  if ffi.istype('ts_device', d) then return d end
+  if type(d) == 'string' then
+    local idx = d:match('^cuda:(%d+)$')
+    if d == 'cuda' then idx = '0' end
+    if idx then return ffi.new('ts_device', { C.TS_CUDA, tonumber(idx) }) end
+  end
+  error(string.format("%s: unknown device %s (use 'cpu', 'cuda' or 'cuda:N')", what or 'tessera',
+    tostring(d)), 0)
+end
+
+function core.device_name(dev)
+  if dev.type == C.TS_CPU then return 'cpu' end
+  return 'cuda:' .. dev.index
+end
+
+-- ---- shapes and dims ---------------------------------------------------------------------------
+local function is_integer(x) return type(x) == 'number' and x == math.floor(x) and x == x end
+core.is_integer = is_integer
+
+function core.int(x, what)
+  if not is_integer(x) then
+    error(string.format('%s: expected an integer, got %s', what or 'tessera', tostring(x)), 0)
+  end
+  return x
+end
+
+-- Arrays handed to C: a fresh int64_t[n] / int[n] built from a Lua list.
+function core.shape_array(list, what)
+  local n = #list
+  if n > C.TS_MAX_DIMS then
+    error(string.format('%s: %d dims given, tensors have at most %d', what, n, C.TS_MAX_DIMS), 0)
+  end
+  local arr = ffi.new('int64_t[?]', math.max(n, 1))
+  for i = 1, n do arr[i - 1] = core.int(list[i], what) end
+  return arr, n
+end
+
+function core.dims_array(list, what)
+  local n = #list
+  local arr = ffi.new('int[?]', math.max(n, 1))
+  for i = 1, n do arr[i - 1] = core.int(list[i], what) end
+  return arr, n
+end
+
+-- Splits factory-style arguments: sizes as numbers or one list, then an optional options table.
+--   T.zeros(2, 3)   T.zeros({2, 3})   T.zeros({2, 3}, {dtype = 'float64'})   T.zeros(2, 3, {device = 'cuda'})
+function core.size_args(what, ...)
+  local n = select('#', ...)
+  local args = { ... }
+  local opts = {}
+  if n > 0 and type(args[n]) == 'table' and not core.is_tensor(args[n])
+      and (args[n][1] == nil and next(args[n]) ~= nil) then
+    opts = args[n]
+    n = n - 1
+  end
+  local shape
+  if n == 1 and type(args[1]) == 'table' then
+    shape = args[1]
+  else
+    shape = {}
+    for i = 1, n do shape[i] = args[i] end
+  end
+  for i = 1, #shape do
+    if not is_integer(shape[i]) or shape[i] < 0 then
+      error(string.format('%s: sizes must be non-negative integers, got %s at position %d', what,
+        tostring(shape[i]), i), 0)
+    end
+  end
+  return shape, opts
+end
+
+-- Shape of a C tensor as a Lua list.
+function core.shape_of(h)
+  local nd = C.ts_ndim(h)
+  local sh = C.ts_shape(h)
+  local out = {}
+  for i = 0, nd - 1 do out[i + 1] = tonumber(sh[i]) end
+  return out
+end
+
+-- ---- the Tensor metatype -----------------------------------------------------------------------
+-- Keys: a method or property name; an integer (select along dim 0); a table (multi-dim
+-- indexing, see tensor.lua). Integer and table keys are handled by core.index/core.newindex,
+-- which tensor.lua installs.
+local properties = core.properties
+local mt = {}
+mt.__index = function(t, k)
+  local m = Tensor[k]
+  if m ~= nil then return m end
+  local p = properties[k]
+  if p then return p(t) end
+  if type(k) ~= 'string' then return core.index(t, k) end
+  error("tensor has no method or property '" .. tostring(k) .. "'", 2)
+end
+mt.__newindex = function(t, k, v)
+  if type(k) == 'string' then error("cannot set field '" .. k .. "' of a tensor", 2) end
+  core.newindex(t, k, v)
+end
+core.metatable = mt
+
+function core.finish_metatype()
+  ffi.metatype(tensor_ct, mt)
+end
+
+return core

@@ -1,0 +1,8 @@
+-- tessera — `local T = require 'tessera'`
+-- Tensors, their math and the runtime controls. The modules below each add their part to the
+-- Tensor methods (tessera.core.Tensor) and to this namespace.
+local core = require 'tessera.core'
+require 'tessera.tensor'
+require 'tessera.runtime'
+core.finish_metatype()
+return core.T

@@ -1,0 +1,90 @@
+-- support.lua — helpers the specs share: references in plain Lua doubles, closeness, errors.
+local T = require 'tessera'
+local S = {}
+
+-- A deterministic pseudo-random list (a small LCG, independent of tessera's RNG).
+function S.randoms(n, seed, lo, hi)
+  local x, out = seed or 1, {}
+  lo, hi = lo or -1, hi or 1
+  for i = 1, n do
+    x = (x * 1103515245 + 12345) % 2147483648
+    out[i] = lo + (hi - lo) * x / 2147483648
+  end
+  return out
+end
+
+-- Nested table of `shape` filled from a flat list in row-major order.
+function S.nest(flat, shape)
+  local pos = 0
+  local function build(d)
+    if d > #shape then pos = pos + 1; return flat[pos] end
+    local t = {}
+    for i = 1, shape[d] do t[i] = build(d + 1) end
+    return t
+  end
+  return build(1)
+end
+
+function S.flatten(tbl)
+  local out = {}
+  local function walk(x)
+    if type(x) == 'table' then for _, v in ipairs(x) do walk(v) end else out[#out + 1] = x end
+  end
+  walk(tbl)
+  return out
+end
+
+-- A float64 tensor of random values with the given shape, plus its flat Lua values.
+function S.rand_tensor(shape, seed, dtype)
+  local n = 1
+  for _, s in ipairs(shape) do n = n * s end
+  local flat = S.randoms(n, seed)
+  return T.tensor(S.nest(flat, shape), { dtype = dtype or 'float64' }), flat
+end
+
+-- Asserts |a - b| <= atol + rtol * |b| elementwise (a: tensor or list/number, b: the reference).
+function S.assert_close(actual, expected, rtol, atol, what)
+  rtol, atol = rtol or 1e-6, atol or 1e-9
+  local a = T.is_tensor(actual) and S.flatten({ actual:totable() }) or S.flatten({ actual })
+  local e = T.is_tensor(expected) and S.flatten({ expected:totable() }) or S.flatten({ expected })
+  assert(#a == #e, string.format('%s: %d values, expected %d', what or 'assert_close', #a, #e))
+  for i = 1, #a do
+    local x, y = a[i], e[i]
+    if type(x) == 'boolean' or type(y) == 'boolean' then
+      assert(x == y, string.format('%s: element %d is %s, expected %s', what or 'assert_close', i, tostring(x), tostring(y)))
+    elseif y ~= y then
+      assert(x ~= x, string.format('%s: element %d is %s, expected nan', what or 'assert_close', i, tostring(x)))
+    elseif y == math.huge or y == -math.huge then
+      assert(x == y, string.format('%s: element %d is %s, expected %s', what or 'assert_close', i, tostring(x), tostring(y)))
+    else
+      assert(math.abs(x - y) <= atol + rtol * math.abs(y),
+        string.format('%s: element %d is %.17g, expected %.17g', what or 'assert_close', i, x, y))
+    end
+  end
+end
+
+-- Asserts fn raises an error whose message contains every given plain-text fragment.
+function S.assert_error(fn, ...)
+  local ok, err = pcall(fn)
+  assert(not ok, 'expected an error, but the call succeeded')
+  err = tostring(err)
+  for _, frag in ipairs { ... } do
+    assert(err:find(frag, 1, true), string.format('error message %q does not mention %q', err, frag))
+  end
+  return err
+end
+
+-- A non-contiguous view with the same values as `t`: built transposed, then transposed back.
+function S.noncontiguous(t)
+  if t:dim() < 2 then
+    local doubled = T.zeros({ t:numel() * 2 }, { dtype = t.dtype })
+    local v = doubled:slice(0, 0, nil, 2)
+    v:copy_(t:reshape(-1))
+    return v:view(t.shape)
+  end
+  local c = t:transpose(-1, -2):contiguous():transpose(-1, -2)
+  assert(not c:is_contiguous())
+  return c
+end
+
+return S
