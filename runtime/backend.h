@@ -36,6 +36,8 @@ typedef struct ts_backend {
   int (*binary)(int op, ts_tensor *out, const ts_tensor *a, const ts_tensor *b);
   int (*where)(ts_tensor *out, const ts_tensor *cond, const ts_tensor *a, const ts_tensor *b);
   int (*clamp)(ts_tensor *out, const ts_tensor *a, double lo, double hi, int has_lo, int has_hi);
+  /* gx = g * d op(x)/dx given x and y = op(x); all share the compute dtype and shape. */
+  int (*unary_backward)(int op, ts_tensor *gx, const ts_tensor *g, const ts_tensor *x, const ts_tensor *y);
 
   /* Reductions over the last `nred` dims of `a`; out holds the leading dims, contiguous. */
   int (*reduce)(int op, ts_tensor *out, const ts_tensor *a, int nred);

@@ -1,4 +1,5 @@
 /* copy.c — copies between layouts, dtypes and devices; host transfers; factories. */
+#include "autograd.h"
 #include "backend.h"
 
 #include <math.h>
@@ -48,8 +49,7 @@ static int transfer(ts_tensor *dst, const ts_tensor *src) {
   return st;
 }
 
-int ts_copy_(ts_tensor *dst, const ts_tensor *src) {
-  if (!dst || !src) return ts_set_error(TS_ERR_ARG, "copy_: NULL tensor");
+static int copy_impl(ts_tensor *dst, const ts_tensor *src) {
   if (check_writable("copy_", dst)) return ts_last_status();
   if (ts_device_equal(dst->device, src->device)) {
     const ts_backend *be = ts_backend_for(dst->device);
@@ -69,27 +69,77 @@ int ts_copy_(ts_tensor *dst, const ts_tensor *src) {
   } else {
     ts_tensor *landing = ts_empty(dst->ndim, dst->shape, dst->dtype, dst->device);
     st = landing ? transfer(landing, stage) : ts_last_status();
-    if (!st) st = ts_copy_(dst, landing);
+    if (!st) st = copy_impl(dst, landing);
     ts_release(landing);
   }
   ts_release(stage);
   return st;
 }
 
-int ts_fill_(ts_tensor *t, double value) {
-  if (!t) return ts_set_error(TS_ERR_ARG, "fill_: NULL tensor");
-  if (check_writable("fill_", t)) return ts_last_status();
-  const ts_backend *be = ts_backend_for(t->device);
-  return be ? be->fill(t, value) : ts_last_status();
+/* ---- autograd for copies --------------------------------------------------------------------- */
+/* The gradient of a copy or conversion is the output gradient, brought back to the input's
+   shape (a copy_ source may have been broadcast), dtype and device. */
+static int conversion_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  const ts_edge *e = ts_node_input(n, 0);
+  ts_tensor *here = ts_to_device(g, e->device);
+  if (!here) return ts_last_status();
+  int st = ts_set_input_grad(n, 0, here, grads);
+  ts_release(here);
+  return st;
 }
 
-ts_tensor *ts_clone(const ts_tensor *t) {
-  ts_tensor *out = ts_empty(t->ndim, t->shape, t->dtype, t->device);
-  if (out && ts_copy_(out, t)) {
+static ts_tensor *record_conversion(ts_tensor *t, ts_tensor *out, const char *name) {
+  if (!out) return NULL;
+  return ts_node_finish(ts_grad_node(name, conversion_backward, 1, &t), out);
+}
+
+/* A new tensor holding t's values in dtype on dev. */
+static ts_tensor *converted(const ts_tensor *t, int dtype, ts_device dev) {
+  ts_tensor *out = ts_empty(t->ndim, t->shape, dtype, dev);
+  if (out && copy_impl(out, t)) {
     ts_release(out);
     return NULL;
   }
   return out;
+}
+
+/* After an in-place write that does not depend on the old value: the tensor's history ends. */
+static void become_constant(ts_tensor *t) {
+  ts_bump_version(t);
+  if (ts_grad_mode() && t->grad_fn) {
+    ts_node_release(t->grad_fn);
+    t->grad_fn = NULL;
+    t->requires_grad = 0;
+  }
+}
+
+int ts_copy_(ts_tensor *dst, const ts_tensor *src) {
+  if (!dst || !src) return ts_set_error(TS_ERR_ARG, "copy_: NULL tensor");
+  if (ts_check_inplace("copy_", dst)) return ts_last_status();
+  int st = copy_impl(dst, src);
+  if (st) return st;
+  become_constant(dst);
+  ts_node *n = ts_grad_node("copy_", conversion_backward, 1, (ts_tensor *const *)&src);
+  if (n) {
+    ts_node_release(dst->grad_fn);
+    dst->grad_fn = NULL;
+    ts_node_finish(n, dst);
+  }
+  return TS_OK;
+}
+
+int ts_fill_(ts_tensor *t, double value) {
+  if (!t) return ts_set_error(TS_ERR_ARG, "fill_: NULL tensor");
+  if (check_writable("fill_", t) || ts_check_inplace("fill_", t)) return ts_last_status();
+  const ts_backend *be = ts_backend_for(t->device);
+  int st = be ? be->fill(t, value) : ts_last_status();
+  if (!st) become_constant(t);
+  return st;
+}
+
+ts_tensor *ts_clone(const ts_tensor *t) {
+  ts_tensor *out = converted(t, t->dtype, t->device);
+  return record_conversion((ts_tensor *)t, out, "clone");
 }
 
 ts_tensor *ts_contiguous(ts_tensor *t) {
@@ -106,12 +156,7 @@ ts_tensor *ts_to_dtype(ts_tensor *t, int dtype) {
     ts_retain(t);
     return t;
   }
-  ts_tensor *out = ts_empty(t->ndim, t->shape, dtype, t->device);
-  if (out && ts_copy_(out, t)) {
-    ts_release(out);
-    return NULL;
-  }
-  return out;
+  return record_conversion(t, converted(t, dtype, t->device), "to");
 }
 
 ts_tensor *ts_to_device(ts_tensor *t, ts_device dev) {
@@ -119,12 +164,7 @@ ts_tensor *ts_to_device(ts_tensor *t, ts_device dev) {
     ts_retain(t);
     return t;
   }
-  ts_tensor *out = ts_empty(t->ndim, t->shape, t->dtype, dev);
-  if (out && ts_copy_(out, t)) {
-    ts_release(out);
-    return NULL;
-  }
-  return out;
+  return record_conversion(t, converted(t, t->dtype, dev), "to");
 }
 
 ts_tensor *ts_from_host(int ndim, const int64_t *shape, int dtype, const void *data, ts_device dev) {
@@ -149,11 +189,11 @@ int ts_to_host(const ts_tensor *t, void *dst, size_t nbytes) {
                         ts_dtype_name(t->dtype), ts_tshape(t), need);
   int64_t stride[TS_MAX_DIMS];
   ts_contiguous_strides(t->ndim, t->shape, stride);
-  ts_storage wrapper = {1, dst, need, {TS_CPU, 0}, NULL, NULL};
-  ts_tensor host = {1, &wrapper, 0, {0}, {0}, t->ndim, t->dtype, {TS_CPU, 0}};
+  ts_storage wrapper = {.refcount = 1, .data = dst, .nbytes = need, .device = {TS_CPU, 0}};
+  ts_tensor host = {.refcount = 1, .storage = &wrapper, .ndim = t->ndim, .dtype = t->dtype, .device = {TS_CPU, 0}};
   memcpy(host.shape, t->shape, sizeof host.shape);
   memcpy(host.stride, stride, sizeof host.stride);
-  return ts_copy_(&host, t);
+  return copy_impl(&host, t);
 }
 
 int ts_item(const ts_tensor *t, double *out) {
@@ -161,11 +201,10 @@ int ts_item(const ts_tensor *t, double *out) {
     return ts_set_error(TS_ERR_SHAPE, "item: a tensor with %lld elements %s cannot be converted to a number",
                         (long long)ts_numel(t), ts_tshape(t));
   double v;
-  ts_storage wrapper = {1, &v, sizeof v, {TS_CPU, 0}, NULL, NULL};
-  ts_tensor host = {1, &wrapper, 0, {0}, {0}, 0, TS_F64, {TS_CPU, 0}};
-  ts_tensor *scalar = ts_reshape((ts_tensor *)t, 0, NULL);
-  int st = scalar ? ts_copy_(&host, scalar) : ts_last_status();
-  ts_release(scalar);
+  ts_storage wrapper = {.refcount = 1, .data = &v, .nbytes = sizeof v, .device = {TS_CPU, 0}};
+  ts_tensor host = {.refcount = 1, .storage = &wrapper, .ndim = t->ndim, .dtype = TS_F64, .device = {TS_CPU, 0}};
+  memcpy(host.shape, t->shape, sizeof host.shape); /* all ones; any strides address element 0 */
+  int st = copy_impl(&host, t);
   if (!st) *out = v;
   return st;
 }

@@ -4,6 +4,7 @@
  * scalar that never widens a floating tensor (float16 * 0.5 stays float16) and turns an integer
  * tensor into float32 only when it is not integral. Division and transcendental functions of
  * integers give float32; comparisons and logical ops give bool. */
+#include "autograd.h"
 #include "backend.h"
 
 #include <math.h>
@@ -100,6 +101,168 @@ static ts_tensor *as_operand(ts_tensor *t, int dtype, int ndim, const int64_t *s
   return view;
 }
 
+/* ---- in-place writes and autograd ------------------------------------------------------------ */
+static int check_writable(const char *op, ts_tensor *a) {
+  if (ts_has_internal_overlap(a))
+    return ts_set_error(TS_ERR_ARG, "%s_: the tensor %s is a broadcast view; write to a copy", op, ts_tshape(a));
+  return ts_check_inplace(op, a);
+}
+
+static int done_inplace(ts_tensor *a, const ts_tensor *result) {
+  if (!result) return ts_last_status();
+  ts_bump_version(a);
+  return TS_OK;
+}
+
+/* An in-place op on a tensor in the graph: the recorded out-of-place result r is written into a,
+   and a takes over r's history (PyTorch's "rebase"), so later uses differentiate the new value. */
+static int rebase(ts_tensor *a, ts_tensor *r) {
+  if (!r) return ts_last_status();
+  int previous = ts_set_grad_enabled(0);
+  int st = ts_copy_(a, r);
+  ts_set_grad_enabled(previous);
+  if (!st) {
+    ts_bump_version(a);
+    ts_node_release(a->grad_fn);
+    a->grad_fn = r->grad_fn;
+    a->requires_grad = r->requires_grad;
+    r->grad_fn = NULL;
+  }
+  ts_release(r);
+  return st;
+}
+
+/* Records n for out with the given tensors saved; on failure releases out and returns NULL. */
+static ts_tensor *finish_saving(ts_node *n, ts_tensor *out, int count, ts_tensor *const *save) {
+  for (int k = 0; n && k < count; k++)
+    if (ts_node_save(n, save[k])) {
+      ts_node_release(n);
+      ts_release(out);
+      return NULL;
+    }
+  return ts_node_finish(n, out);
+}
+
+static ts_tensor *unary_impl(int op, ts_tensor *a, ts_tensor *target);
+
+/* Ops whose derivative is written with the output y alone (they stay differentiable in place). */
+static int derivative_uses_output(int op) {
+  switch (op) {
+  case TS_NEG: case TS_SIGN: case TS_FLOOR: case TS_CEIL: case TS_ROUND: case TS_TRUNC: case TS_EXP: case TS_EXPM1:
+  case TS_SQRT: case TS_RSQRT: case TS_TANH: case TS_SIGMOID: case TS_RELU: case TS_RECIPROCAL:
+    return 1;
+  default:
+    return 0;
+  }
+}
+
+static int unary_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  int op = (int)n->i[0];
+  ts_tensor *v = ts_node_saved(n, 0); /* x or y, see derivative_uses_output */
+  if (!v) return ts_last_status();
+  const ts_backend *be = ts_backend_for(v->device);
+  if (!be || TS_BACKEND_FN(be, unary_backward, n->name, v->device)) return ts_last_status();
+  int compute = be->compute_dtype(v->dtype);
+  ts_scope s = {0};
+  ts_tensor *gk = ts_scope_keep(&s, ts_to_dtype(g, compute)), *vk = ts_scope_keep(&s, ts_to_dtype(v, compute));
+  ts_tensor *gx = s.failed ? NULL : ts_scope_keep(&s, ts_empty(v->ndim, v->shape, compute, v->device));
+  if (gx && be->unary_backward(op, gx, gk, vk, vk)) s.failed = 1;
+  if (!s.failed && ts_set_input_grad(n, 0, gx, grads)) s.failed = 1;
+  return ts_scope_close(&s);
+}
+
+static ts_tensor *unary_recorded(int op, ts_tensor *a) {
+  ts_tensor *out = unary_impl(op, a, NULL);
+  if (!out || unary_is_predicate(op)) return out;
+  ts_node *n = ts_grad_node(unary_names[op], unary_backward, 1, &a);
+  if (!n) return out;
+  n->i[0] = op;
+  ts_tensor *keep = derivative_uses_output(op) ? out : a;
+  return finish_saving(n, out, 1, &keep);
+}
+
+/* d(a op b): saved are a, b and the result y (slots 0, 1, 2) where the formula needs them. */
+static int binary_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  int op = (int)n->i[0];
+  ts_scope s = {0};
+  ts_tensor *v[3] = {NULL, NULL, NULL};
+  for (int k = 0; k < n->n_saved; k++)
+    if (n->saved[k] && !(v[k] = ts_node_saved(n, k))) return ts_last_status();
+  ts_tensor *a = v[0], *b = v[1], *y = v[2];
+  int need_a = ts_node_needs_grad(n, 0), need_b = ts_node_needs_grad(n, 1);
+  ts_tensor *ga = NULL, *gb = NULL;
+  switch (op) {
+  case TS_ADD: ga = gb = g; break;
+  case TS_SUB: ga = g; gb = need_b ? ts_s_unary(&s, TS_NEG, g) : NULL; break;
+  case TS_MUL:
+    ga = need_a ? ts_s_binary(&s, TS_MUL, g, b) : NULL;
+    gb = need_b ? ts_s_binary(&s, TS_MUL, g, a) : NULL;
+    break;
+  case TS_DIV:
+    ga = ts_s_binary(&s, TS_DIV, g, b);
+    gb = need_b ? ts_s_unary(&s, TS_NEG, ts_s_binary(&s, TS_MUL, ga, y)) : NULL;
+    break;
+  case TS_POW: /* b * a^(b-1), and y * log(a) where a > 0 (0 elsewhere, as PyTorch) */
+    if (need_a) ga = ts_s_binary(&s, TS_MUL, g, ts_s_binary(&s, TS_MUL, b, ts_s_binary(&s, TS_POW, a, ts_s_scalar(&s, TS_SUB, b, 1))));
+    if (need_b) {
+      ts_tensor *loga = ts_s_unary(&s, TS_LOG, a), *pos = ts_s_scalar(&s, TS_GT, a, 0);
+      ts_tensor *zero = ts_scope_keep(&s, ts_full(0, NULL, 0, g->dtype, g->device));
+      ts_tensor *safe = ts_s_where(&s, pos, loga, zero);
+      gb = ts_s_binary(&s, TS_MUL, g, ts_s_binary(&s, TS_MUL, y, safe));
+    }
+    break;
+  case TS_MAXIMUM: case TS_MINIMUM: { /* ties share the gradient equally, as PyTorch */
+    ts_tensor *wins = ts_s_cast(&s, ts_s_binary(&s, op == TS_MAXIMUM ? TS_GT : TS_LT, a, b), g->dtype);
+    ts_tensor *ties = ts_s_cast(&s, ts_s_binary(&s, TS_EQ, a, b), g->dtype);
+    ts_tensor *w = ts_s_binary(&s, TS_ADD, wins, ts_s_scalar(&s, TS_MUL, ties, 0.5));
+    ga = ts_s_binary(&s, TS_MUL, g, w);
+    gb = ts_s_binary(&s, TS_SUB, g, ga);
+    break;
+  }
+  case TS_REMAINDER:
+    ga = g;
+    gb = ts_s_unary(&s, TS_NEG, ts_s_binary(&s, TS_MUL, g, ts_s_binary(&s, TS_FLOOR_DIVIDE, a, b)));
+    break;
+  case TS_ATAN2: {
+    ts_tensor *den = ts_s_binary(&s, TS_ADD, ts_s_binary(&s, TS_MUL, a, a), ts_s_binary(&s, TS_MUL, b, b));
+    ga = ts_s_binary(&s, TS_MUL, g, ts_s_binary(&s, TS_DIV, b, den));
+    gb = ts_s_unary(&s, TS_NEG, ts_s_binary(&s, TS_MUL, g, ts_s_binary(&s, TS_DIV, a, den)));
+    break;
+  }
+  default: break; /* floor_divide: zero gradient */
+  }
+  if (!s.failed && (ts_set_input_grad(n, 0, ga, grads) || ts_set_input_grad(n, 1, gb, grads))) s.failed = 1;
+  return ts_scope_close(&s);
+}
+
+/* Which of a, b and the result y the backward reads, given which inputs need a gradient. Saving
+   no more than that keeps x.mul_(2) and friends differentiable after the in-place write. */
+static void binary_uses(int op, int need_ga, int need_gb, int use[3]) {
+  use[0] = use[1] = use[2] = 0;
+  switch (op) {
+  case TS_ADD: case TS_SUB: case TS_FLOOR_DIVIDE: break;
+  case TS_MUL: use[0] = need_gb; use[1] = need_ga; break;
+  case TS_DIV: use[1] = 1; use[2] = need_gb; break;
+  case TS_POW: use[0] = 1; use[1] = need_ga; use[2] = need_gb; break;
+  default: use[0] = use[1] = 1; break;
+  }
+}
+
+static ts_tensor *binary_impl(int op, ts_tensor *a, int a_dtype, ts_tensor *b, int b_dtype, ts_tensor *target);
+
+static ts_tensor *binary_recorded(int op, ts_tensor *a, int a_dtype, ts_tensor *b, int b_dtype) {
+  ts_tensor *out = binary_impl(op, a, a_dtype, b, b_dtype, NULL);
+  if (!out || binary_is_predicate(op)) return out;
+  ts_tensor *inputs[2] = {a, b};
+  ts_node *n = ts_grad_node(binary_names[op], binary_backward, 2, inputs);
+  if (!n) return out;
+  n->i[0] = op;
+  int use[3];
+  binary_uses(op, ts_node_needs_grad(n, 0), ts_node_needs_grad(n, 1), use);
+  ts_tensor *save[3] = {use[0] ? a : NULL, use[1] ? b : NULL, use[2] ? out : NULL};
+  return finish_saving(n, out, 3, save);
+}
+
 /* ---- unary ----------------------------------------------------------------------------------- */
 typedef struct { int op; ts_tensor *a; } unary_args;
 static int call_unary(const ts_backend *be, ts_tensor *out, void *p) {
@@ -127,14 +290,14 @@ static ts_tensor *unary_impl(int op, ts_tensor *a, ts_tensor *target) {
   return out;
 }
 
-ts_tensor *ts_unary(int op, ts_tensor *a) { return unary_impl(op, a, NULL); }
+ts_tensor *ts_unary(int op, ts_tensor *a) { return unary_recorded(op, a); }
 
 int ts_unary_(int op, ts_tensor *a) {
-  if (ts_has_internal_overlap(a))
-    return ts_set_error(TS_ERR_ARG, "%s_: the tensor %s is a broadcast view; write to a copy", ts_unary_op_name(op), ts_tshape(a));
+  if (check_writable(ts_unary_op_name(op), a)) return ts_last_status();
+  if (ts_any_requires_grad(1, &a)) return rebase(a, unary_recorded(op, a));
   ts_tensor *r = unary_impl(op, a, a);
   ts_release(r);
-  return r ? TS_OK : ts_last_status();
+  return done_inplace(a, r);
 }
 
 /* ---- binary ---------------------------------------------------------------------------------- */
@@ -173,14 +336,19 @@ static ts_tensor *binary_impl(int op, ts_tensor *a, int a_dtype, ts_tensor *b, i
   return out;
 }
 
-ts_tensor *ts_binary(int op, ts_tensor *a, ts_tensor *b) { return binary_impl(op, a, a->dtype, b, b->dtype, NULL); }
+ts_tensor *ts_binary(int op, ts_tensor *a, ts_tensor *b) { return binary_recorded(op, a, a->dtype, b, b->dtype); }
 
 int ts_binary_(int op, ts_tensor *a, ts_tensor *b) {
-  if (ts_has_internal_overlap(a))
-    return ts_set_error(TS_ERR_ARG, "%s_: the tensor %s is a broadcast view; write to a copy", ts_binary_op_name(op), ts_tshape(a));
+  if (check_writable(ts_binary_op_name(op), a)) return ts_last_status();
+  if (ts_any_requires_grad(2, (ts_tensor *[]){a, b})) {
+    if (!can_cast(ts_binary_result_dtype(op, a->dtype, b->dtype), a->dtype))
+      return ts_set_error(TS_ERR_DTYPE, "%s_: result type %s can't be cast to the tensor's dtype %s", ts_binary_op_name(op),
+                          ts_dtype_name(ts_binary_result_dtype(op, a->dtype, b->dtype)), ts_dtype_name(a->dtype));
+    return rebase(a, binary_recorded(op, a, a->dtype, b, b->dtype));
+  }
   ts_tensor *r = binary_impl(op, a, a->dtype, b, b->dtype, a);
   ts_release(r);
-  return r ? TS_OK : ts_last_status();
+  return done_inplace(a, r);
 }
 
 /* The weak dtype of a number next to tensor dtype `t`: see the comment at the top. */
@@ -202,21 +370,27 @@ ts_tensor *ts_binary_scalar(int op, ts_tensor *a, double s, int reverse) {
   int weak = scalar_dtype(a->dtype, s);
   ts_tensor *b = scalar_operand(op, a, s, weak);
   if (!b) return NULL;
-  ts_tensor *out = reverse ? binary_impl(op, b, weak, a, a->dtype, NULL) : binary_impl(op, a, a->dtype, b, weak, NULL);
+  ts_tensor *out = reverse ? binary_recorded(op, b, weak, a, a->dtype) : binary_recorded(op, a, a->dtype, b, weak);
   ts_release(b);
   return out;
 }
 
 int ts_binary_scalar_(int op, ts_tensor *a, double s) {
-  if (ts_has_internal_overlap(a))
-    return ts_set_error(TS_ERR_ARG, "%s_: the tensor %s is a broadcast view; write to a copy", ts_binary_op_name(op), ts_tshape(a));
+  if (check_writable(ts_binary_op_name(op), a)) return ts_last_status();
   int weak = scalar_dtype(a->dtype, s);
   ts_tensor *b = scalar_operand(op, a, s, weak);
   if (!b) return ts_last_status();
-  ts_tensor *r = binary_impl(op, a, a->dtype, b, weak, a);
+  ts_tensor *r;
+  int st;
+  if (ts_any_requires_grad(1, &a)) {
+    st = rebase(a, binary_recorded(op, a, a->dtype, b, weak));
+  } else {
+    r = binary_impl(op, a, a->dtype, b, weak, a);
+    ts_release(r);
+    st = done_inplace(a, r);
+  }
   ts_release(b);
-  ts_release(r);
-  return r ? TS_OK : ts_last_status();
+  return st;
 }
 
 /* ---- where and clamp ------------------------------------------------------------------------- */
@@ -226,7 +400,7 @@ static int call_where(const ts_backend *be, ts_tensor *out, void *p) {
   return be->where(out, w->cond, w->a, w->b);
 }
 
-ts_tensor *ts_where(ts_tensor *cond, ts_tensor *a, ts_tensor *b) {
+static ts_tensor *where_impl(ts_tensor *cond, ts_tensor *a, ts_tensor *b) {
   if (ts_same_device("where", cond, a) || ts_same_device("where", a, b)) return NULL;
   int ndim;
   int64_t shape[TS_MAX_DIMS];
@@ -268,14 +442,62 @@ static ts_tensor *clamp_impl(ts_tensor *a, double lo, double hi, int has_lo, int
   return out;
 }
 
+
+static int where_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  ts_tensor *cond = ts_node_saved(n, 0);
+  if (!cond) return ts_last_status();
+  ts_scope s = {0};
+  ts_tensor *zero = ts_scope_keep(&s, ts_full(0, NULL, 0, g->dtype, g->device));
+  ts_tensor *ga = ts_node_needs_grad(n, 1) ? ts_s_where(&s, cond, g, zero) : NULL;
+  ts_tensor *gb = ts_node_needs_grad(n, 2) ? ts_s_where(&s, cond, zero, g) : NULL;
+  if (!s.failed && (ts_set_input_grad(n, 1, ga, grads) || ts_set_input_grad(n, 2, gb, grads))) s.failed = 1;
+  return ts_scope_close(&s);
+}
+
+ts_tensor *ts_where(ts_tensor *cond, ts_tensor *a, ts_tensor *b) {
+  ts_tensor *out = where_impl(cond, a, b);
+  if (!out) return NULL;
+  ts_tensor *inputs[3] = {cond, a, b};
+  ts_node *n = ts_grad_node("where", where_backward, 3, inputs);
+  return finish_saving(n, out, 1, &cond);
+}
+
+/* The gradient passes where lo <= x <= hi, as PyTorch. */
+static int clamp_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  ts_tensor *x = ts_node_saved(n, 0);
+  if (!x) return ts_last_status();
+  ts_scope s = {0};
+  ts_tensor *pass = NULL;
+  if (n->i[0]) pass = ts_s_scalar(&s, TS_GE, x, n->d[0]);
+  if (n->i[1]) {
+    ts_tensor *below = ts_s_scalar(&s, TS_LE, x, n->d[1]);
+    pass = pass ? ts_s_binary(&s, TS_LOGICAL_AND, pass, below) : below;
+  }
+  ts_tensor *gx = ts_s_binary(&s, TS_MUL, g, ts_s_cast(&s, pass, g->dtype));
+  if (!s.failed && ts_set_input_grad(n, 0, gx, grads)) s.failed = 1;
+  return ts_scope_close(&s);
+}
+
+static ts_tensor *clamp_recorded(ts_tensor *a, double lo, double hi, int has_lo, int has_hi) {
+  ts_tensor *out = clamp_impl(a, lo, hi, has_lo, has_hi, NULL);
+  if (!out) return NULL;
+  ts_node *n = ts_grad_node("clamp", clamp_backward, 1, &a);
+  if (!n) return out;
+  n->i[0] = has_lo;
+  n->i[1] = has_hi;
+  n->d[0] = lo;
+  n->d[1] = hi;
+  return finish_saving(n, out, 1, &a);
+}
+
 ts_tensor *ts_clamp(ts_tensor *a, double lo, double hi, int has_lo, int has_hi) {
-  return clamp_impl(a, lo, hi, has_lo, has_hi, NULL);
+  return clamp_recorded(a, lo, hi, has_lo, has_hi);
 }
 
 int ts_clamp_(ts_tensor *a, double lo, double hi, int has_lo, int has_hi) {
-  if (ts_has_internal_overlap(a))
-    return ts_set_error(TS_ERR_ARG, "clamp_: the tensor %s is a broadcast view; write to a copy", ts_tshape(a));
+  if (check_writable("clamp", a)) return ts_last_status();
+  if (ts_any_requires_grad(1, &a)) return rebase(a, clamp_recorded(a, lo, hi, has_lo, has_hi));
   ts_tensor *r = clamp_impl(a, lo, hi, has_lo, has_hi, a);
   ts_release(r);
-  return r ? TS_OK : ts_last_status();
+  return done_inplace(a, r);
 }

@@ -15,6 +15,7 @@ typedef struct ts_storage {
   /* Who owns `data`: NULL means the device allocator; otherwise this releases it (mmap, ...). */
   void (*release)(struct ts_storage *s);
   void *release_ctx;
+  uint32_t version;  /* bumped by every in-place write; autograd checks saved tensors against it */
 } ts_storage;
 
 struct ts_tensor {
@@ -26,6 +27,10 @@ struct ts_tensor {
   int ndim;
   int dtype;
   ts_device device;
+  /* autograd (see autograd.h): a leaf that requires grad has no grad_fn */
+  int requires_grad;
+  ts_tensor *grad;            /* accumulated gradient of a leaf */
+  struct ts_node *grad_fn;    /* the op that made this tensor, when it requires grad */
 };
 
 /* ---- errors: set the thread-local message, return the status (or NULL) ---------------------- */

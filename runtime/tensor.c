@@ -1,4 +1,5 @@
 /* tensor.c — storage and tensor lifecycle, accessors, shape helpers, memory statistics. */
+#include "autograd.h"
 #include "backend.h"
 
 #include <stdlib.h>
@@ -173,6 +174,8 @@ void ts_retain(ts_tensor *t) {
 
 void ts_release(ts_tensor *t) {
   if (!t || __atomic_sub_fetch(&t->refcount, 1, __ATOMIC_ACQ_REL) != 0) return;
+  ts_release(t->grad);
+  ts_node_release(t->grad_fn);
   ts_storage_release(t->storage);
   free(t);
 }

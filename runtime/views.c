@@ -1,8 +1,57 @@
 /* views.c — tensors that share their input's storage: no element is copied here. */
-#include "internal.h"
+#include "autograd.h"
 
 static ts_tensor *view_of(ts_tensor *t, int ndim, const int64_t *shape, const int64_t *stride, int64_t offset) {
   return ts_tensor_over(t->storage, ndim, shape, stride, offset, t->dtype);
+}
+
+/* ---- autograd: a view's gradient is the output gradient laid back onto the input's shape ---- */
+enum { VIEW_RESHAPE, VIEW_PERMUTE, VIEW_EXPAND, VIEW_SLICE, VIEW_SELECT };
+
+/* The input-shaped zeros with g written into the part this view took. */
+static ts_tensor *scatter_into_zeros(const ts_node *n, const ts_edge *e, ts_tensor *g) {
+  ts_tensor *gx = ts_full(e->ndim, e->shape, 0, g->dtype, g->device);
+  if (!gx) return NULL;
+  ts_tensor *part = n->i[0] == VIEW_SLICE
+                        ? ts_slice(gx, (int)n->i[1], n->i[2], n->i[2] + g->shape[n->i[1]] * n->i[3], n->i[3])
+                        : ts_select(gx, (int)n->i[1], n->i[2]);
+  int st = part ? ts_copy_(part, g) : ts_last_status();
+  ts_release(part);
+  if (st) {
+    ts_release(gx);
+    return NULL;
+  }
+  return gx;
+}
+
+static int view_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  const ts_edge *e = ts_node_input(n, 0);
+  ts_tensor *gx = NULL;
+  switch (n->i[0]) {
+  case VIEW_RESHAPE: gx = ts_reshape(g, e->ndim, e->shape); break;
+  case VIEW_PERMUTE: {
+    int inverse[TS_MAX_DIMS];
+    for (int d = 0; d < e->ndim; d++) inverse[n->i[1 + d]] = d;
+    gx = ts_permute(g, e->ndim, inverse);
+    break;
+  }
+  case VIEW_EXPAND: gx = ts_sum_to(g, e->ndim, e->shape); break;
+  default: gx = scatter_into_zeros(n, e, g); break;
+  }
+  grads[0] = gx;
+  return gx ? TS_OK : ts_last_status();
+}
+
+/* Records view `out` of t (kind + up to TS_MAX_DIMS parameters); returns out. */
+static ts_tensor *record_view(ts_tensor *t, ts_tensor *out, const char *name, int kind, int nparams,
+                              const int64_t *params) {
+  if (!out) return NULL;
+  ts_node *n = ts_grad_node(name, view_backward, 1, &t);
+  if (!n) return out;
+  n->is_view = 1;
+  n->i[0] = kind;
+  for (int k = 0; k < nparams; k++) n->i[1 + k] = params[k];
+  return ts_node_finish(n, out);
 }
 
 /* Resolves one -1 in a requested shape against numel. */
@@ -70,13 +119,14 @@ ts_tensor *ts_view(ts_tensor *t, int ndim, const int64_t *req) {
     return TS_FAIL_NULL(TS_ERR_SHAPE,
                         "view: shape %s is not compatible with the input's strides (input %s); use reshape, which copies",
                         ts_shape_str(ndim, shape), ts_tshape(t));
-  return view_of(t, ndim, shape, stride, t->offset);
+  return record_view(t, view_of(t, ndim, shape, stride, t->offset), "view", VIEW_RESHAPE, 0, NULL);
 }
 
 ts_tensor *ts_reshape(ts_tensor *t, int ndim, const int64_t *req) {
   int64_t shape[TS_MAX_DIMS], stride[TS_MAX_DIMS];
   if (infer_shape("reshape", t, ndim, req, shape)) return NULL;
-  if (view_strides(t, ndim, shape, stride)) return view_of(t, ndim, shape, stride, t->offset);
+  if (view_strides(t, ndim, shape, stride))
+    return record_view(t, view_of(t, ndim, shape, stride, t->offset), "reshape", VIEW_RESHAPE, 0, NULL);
   ts_tensor *c = ts_contiguous(t);
   if (!c) return NULL;
   ts_tensor *v = ts_view(c, ndim, shape);
@@ -96,11 +146,13 @@ ts_tensor *ts_permute(ts_tensor *t, int ndim, const int *dims) {
     shape[d] = t->shape[src];
     stride[d] = t->stride[src];
   }
-  return view_of(t, ndim, shape, stride, t->offset);
+  int64_t order[TS_MAX_DIMS];
+  for (int d = 0; d < ndim; d++) order[d] = dims[d] < 0 ? dims[d] + ndim : dims[d];
+  return record_view(t, view_of(t, ndim, shape, stride, t->offset), "permute", VIEW_PERMUTE, ndim, order);
 }
 
 ts_tensor *ts_transpose(ts_tensor *t, int d0, int d1) {
-  if (t->ndim == 0) return view_of(t, 0, t->shape, t->stride, t->offset);
+  if (t->ndim == 0) return ts_permute(t, 0, NULL);
   int a, b, dims[TS_MAX_DIMS];
   if (ts_wrap_dim("transpose", d0, t->ndim, &a) || ts_wrap_dim("transpose", d1, t->ndim, &b)) return NULL;
   for (int d = 0; d < t->ndim; d++) dims[d] = d;
@@ -126,7 +178,8 @@ ts_tensor *ts_slice(ts_tensor *t, int dim, int64_t start, int64_t stop, int64_t 
   }
   shape[d] = (stop - start + step - 1) / step;
   stride[d] = t->stride[d] * step;
-  return view_of(t, t->ndim, shape, stride, t->offset + start * t->stride[d]);
+  int64_t params[3] = {d, start, step};
+  return record_view(t, view_of(t, t->ndim, shape, stride, t->offset + start * t->stride[d]), "slice", VIEW_SLICE, 3, params);
 }
 
 ts_tensor *ts_narrow(ts_tensor *t, int dim, int64_t start, int64_t length) {
@@ -157,7 +210,8 @@ ts_tensor *ts_select(ts_tensor *t, int dim, int64_t index) {
     shape[k] = t->shape[i];
     stride[k++] = t->stride[i];
   }
-  return view_of(t, t->ndim - 1, shape, stride, t->offset + index * t->stride[d]);
+  int64_t params[2] = {d, index};
+  return record_view(t, view_of(t, t->ndim - 1, shape, stride, t->offset + index * t->stride[d]), "select", VIEW_SELECT, 2, params);
 }
 
 ts_tensor *ts_expand(ts_tensor *t, int ndim, const int64_t *req) {
@@ -174,10 +228,10 @@ ts_tensor *ts_expand(ts_tensor *t, int ndim, const int64_t *req) {
     shape[i] = want;
     stride[i] = src >= 0 && have == want ? t->stride[src] : 0;
   }
-  return view_of(t, ndim, shape, stride, t->offset);
+  return record_view(t, view_of(t, ndim, shape, stride, t->offset), "expand", VIEW_EXPAND, 0, NULL);
 }
 
-static ts_tensor *drop_dims(ts_tensor *t, const int *drop) {
+static ts_tensor *drop_dims(ts_tensor *t, const int *drop, const char *name) {
   int64_t shape[TS_MAX_DIMS], stride[TS_MAX_DIMS];
   int k = 0;
   for (int i = 0; i < t->ndim; i++) {
@@ -185,20 +239,20 @@ static ts_tensor *drop_dims(ts_tensor *t, const int *drop) {
     shape[k] = t->shape[i];
     stride[k++] = t->stride[i];
   }
-  return view_of(t, k, shape, stride, t->offset);
+  return record_view(t, view_of(t, k, shape, stride, t->offset), name, VIEW_RESHAPE, 0, NULL);
 }
 
 ts_tensor *ts_squeeze(ts_tensor *t, int dim) {
   int d, drop[TS_MAX_DIMS] = {0};
   if (ts_wrap_dim("squeeze", dim, t->ndim, &d)) return NULL;
   if (t->ndim > 0) drop[d] = t->shape[d] == 1; /* a dim of another size stays, as in PyTorch */
-  return drop_dims(t, drop);
+  return drop_dims(t, drop, "squeeze");
 }
 
 ts_tensor *ts_squeeze_all(ts_tensor *t) {
   int drop[TS_MAX_DIMS] = {0};
   for (int i = 0; i < t->ndim; i++) drop[i] = t->shape[i] == 1;
-  return drop_dims(t, drop);
+  return drop_dims(t, drop, "squeeze");
 }
 
 ts_tensor *ts_unsqueeze(ts_tensor *t, int dim) {
@@ -215,7 +269,7 @@ ts_tensor *ts_unsqueeze(ts_tensor *t, int dim) {
       stride[i] = t->stride[k++];
     }
   }
-  return view_of(t, t->ndim + 1, shape, stride, t->offset);
+  return record_view(t, view_of(t, t->ndim + 1, shape, stride, t->offset), "unsqueeze", VIEW_RESHAPE, 0, NULL);
 }
 
 ts_tensor *ts_flatten(ts_tensor *t, int start_dim, int end_dim) {
@@ -234,6 +288,8 @@ ts_tensor *ts_flatten(ts_tensor *t, int start_dim, int end_dim) {
 }
 
 ts_tensor *ts_as_strided(ts_tensor *t, int ndim, const int64_t *shape, const int64_t *stride, int64_t offset) {
+  if (ts_any_requires_grad(1, &t))
+    return TS_FAIL_NULL(TS_ERR_ARG, "as_strided: not differentiable; detach() the input or use view, slice, expand");
   if (ts_check_shape("as_strided", ndim, shape)) return NULL;
   if (offset < 0) return TS_FAIL_NULL(TS_ERR_ARG, "as_strided: negative offset %lld", (long long)offset);
   int64_t last = offset;

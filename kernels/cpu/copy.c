@@ -106,7 +106,7 @@ int cpu_copy(ts_tensor *dst, const ts_tensor *src) {
   return TS_OK;
 }
 
-typedef struct { int dtype; char value[8]; } fill_ctx;
+typedef struct { int dtype; _Alignas(8) char value[8]; } fill_ctx;
 
 static void fill_run(int64_t n, char **p, const int64_t *s, void *arg) {
   const fill_ctx *f = arg;

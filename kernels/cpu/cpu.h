@@ -36,6 +36,7 @@ int cpu_unary(int op, ts_tensor *out, const ts_tensor *a);
 int cpu_binary(int op, ts_tensor *out, const ts_tensor *a, const ts_tensor *b);
 int cpu_where(ts_tensor *out, const ts_tensor *cond, const ts_tensor *a, const ts_tensor *b);
 int cpu_clamp(ts_tensor *out, const ts_tensor *a, double lo, double hi, int has_lo, int has_hi);
+int cpu_unary_backward(int op, ts_tensor *gx, const ts_tensor *g, const ts_tensor *x, const ts_tensor *y);
 
 /* reduce.c */
 int cpu_reduce(int op, ts_tensor *out, const ts_tensor *a, int nred);

@@ -238,3 +238,60 @@ int cpu_clamp(ts_tensor *out, const ts_tensor *a, double lo, double hi, int has_
   cpu_foreach(2, ops, a->dtype == TS_F32 ? clamp_float : a->dtype == TS_F64 ? clamp_double : clamp_int64_t, &c);
   return TS_OK;
 }
+
+/* ---- unary backward: gx = g * f'(x), written with x and y = f(x) --------------------------- */
+#define RUN3(T, EXPR)                                                                               \
+  do {                                                                                             \
+    for (int64_t i = 0; i < n; i++) {                                                              \
+      T G = *(const T *)(p[1] + i * s[1]), X = *(const T *)(p[2] + i * s[2]),                      \
+        Y = *(const T *)(p[3] + i * s[3]);                                                         \
+      (void)G;                                                                                     \
+      (void)X;                                                                                     \
+      (void)Y;                                                                                     \
+      *(T *)(p[0] + i * s[0]) = (T)(EXPR);                                                         \
+    }                                                                                              \
+  } while (0)
+
+#define FLOAT_UNARY_BACKWARD(T, SUFFIX, TWO_OVER_SQRT_PI, INV_SQRT_2PI, SQRT1_2)                    \
+  static void unary_backward_##SUFFIX(int64_t n, char **p, const int64_t *s, void *arg) {           \
+    switch (((op_ctx *)arg)->op) {                                                                 \
+    case TS_NEG: RUN3(T, -G); break;                                                               \
+    case TS_ABS: RUN3(T, X > 0 ? G : X < 0 ? -G : (T)0); break;                                    \
+    case TS_SIGN: case TS_FLOOR: case TS_CEIL: case TS_ROUND: case TS_TRUNC: RUN3(T, 0); break;    \
+    case TS_EXP: RUN3(T, G * Y); break;                                                            \
+    case TS_EXPM1: RUN3(T, G * (Y + 1)); break;                                                    \
+    case TS_LOG: RUN3(T, G / X); break;                                                            \
+    case TS_LOG1P: RUN3(T, G / (X + 1)); break;                                                    \
+    case TS_SQRT: RUN3(T, G / (2 * Y)); break;                                                     \
+    case TS_RSQRT: RUN3(T, (T)-0.5 * G * Y * Y * Y); break;                                        \
+    case TS_TANH: RUN3(T, G * (1 - Y * Y)); break;                                                 \
+    case TS_SIGMOID: RUN3(T, G * Y * (1 - Y)); break;                                              \
+    case TS_ERF: RUN3(T, G * (T)TWO_OVER_SQRT_PI * exp(-X * X)); break;                            \
+    case TS_RELU: RUN3(T, Y > 0 ? G : (T)0); break;                                                \
+    case TS_GELU:                                                                                  \
+      RUN3(T, G * ((T)0.5 * (1 + erf(X * (T)SQRT1_2)) + X * (T)INV_SQRT_2PI * exp((T)-0.5 * X * X))); \
+      break;                                                                                       \
+    case TS_SILU: {                                                                                \
+      RUN3(T, G * (1 / (1 + exp(-X))) * (1 + X * (1 - 1 / (1 + exp(-X)))));                        \
+      break;                                                                                       \
+    }                                                                                              \
+    case TS_SIN: RUN3(T, G * cos(X)); break;                                                       \
+    case TS_COS: RUN3(T, -G * sin(X)); break;                                                      \
+    case TS_RECIPROCAL: RUN3(T, -G * Y * Y); break;                                                \
+    case TS_SQUARE: RUN3(T, 2 * G * X); break;                                                     \
+    default: __atomic_store_n(&((op_ctx *)arg)->error, 2, __ATOMIC_RELAXED); break;                \
+    }                                                                                              \
+  }
+
+FLOAT_UNARY_BACKWARD(float, f32, 1.12837916709551257390f, 0.39894228040143267794f, 0.70710678118654752440f)
+FLOAT_UNARY_BACKWARD(double, f64, 1.12837916709551257390, 0.39894228040143267794, 0.70710678118654752440)
+
+int cpu_unary_backward(int op, ts_tensor *gx, const ts_tensor *g, const ts_tensor *x, const ts_tensor *y) {
+  if (x->dtype != TS_F32 && x->dtype != TS_F64)
+    return ts_set_error(TS_ERR_DTYPE, "%s backward: not defined for %s", ts_unary_op_name(op), ts_dtype_name(x->dtype));
+  op_ctx c = {op, 0};
+  const ts_tensor *ops[4] = {gx, g, x, y};
+  cpu_foreach(4, ops, x->dtype == TS_F32 ? unary_backward_f32 : unary_backward_f64, &c);
+  if (c.error) return ts_set_error(TS_ERR_ARG, "%s: not differentiable", ts_unary_op_name(op));
+  return TS_OK;
+}

@@ -20,7 +20,7 @@ end
 local core = { ffi = ffi, C = C, version = config.version }
 local T = {}          -- the public namespace, `require 'tessera'`
 local Tensor = {}     -- tensor methods; properties live in core.properties
-core.T, core.Tensor, core.properties = T, Tensor, {}
+core.T, core.Tensor, core.properties, core.setters = T, Tensor, {}, {}
 
 -- ---- errors ------------------------------------------------------------------------------------
 -- Raises the C library's last error. Level 0: the message names the op and shapes already.
@@ -228,7 +228,11 @@ mt.__index = function(t, k)
   error("tensor has no method or property '" .. tostring(k) .. "'", 2)
 end
 mt.__newindex = function(t, k, v)
-  if type(k) == 'string' then error("cannot set field '" .. k .. "' of a tensor", 2) end
+  if type(k) == 'string' then
+    local set = core.setters[k]
+    if not set then error("cannot set field '" .. k .. "' of a tensor", 2) end
+    return set(t, v)
+  end
   core.newindex(t, k, v)
 end
 core.metatable = mt

@@ -4,5 +4,10 @@
 local core = require 'tessera.core'
 require 'tessera.tensor'
 require 'tessera.runtime'
+require 'tessera.autograd'
+require 'tessera.random'
+require 'tessera.linalg'
+require 'tessera.indexing'
+require 'tessera.reduce'
 core.finish_metatype()
 return core.T

@@ -425,6 +425,7 @@ mt.__concat = function(a, b) return tostring(a) .. tostring(b) end
 --   a tensor advanced indexing (int64 indices or a bool mask) — see indexing.lua
 local function apply_key(t, key, what)
   if type(key) == 'number' then return Tensor.select(t, 0, key), {} end
+  if core.is_tensor(key) then return t, { { dim = 0, index = key } } end -- t[mask], t[idx]
   if type(key) ~= 'table' then error(what .. ': index must be a number or a table, got ' .. type(key), 0) end
   local view, dim = t, 0
   local advanced = {}
@@ -436,7 +437,7 @@ local function apply_key(t, key, what)
       dim = dim + 1
     elseif core.is_tensor(k) then
       advanced[#advanced + 1] = { dim = dim, index = k }
-      dim = dim + 1
+      dim = dim + (k.dtype == 'bool' and k:dim() or 1) -- a bool mask covers as many dims as it has
     else
       error(string.format('%s: unsupported index entry of type %s', what, type(k)), 0)
     end

@@ -214,6 +214,21 @@ void ts_memory_reset_peak(ts_device dev);
 /* Bytes allocated on the host since start; the Lua binding steps its GC by the growth of this. */
 int64_t ts_host_bytes_allocated_total(void);
 
+/* ---- autograd -------------------------------------------------------------------------------- */
+/* Ops record a tape when an input requires grad and grad mode (thread-local, on by default) is on. */
+int ts_set_grad_enabled(int enabled);     /* returns the previous mode */
+int ts_is_grad_enabled(void);
+int ts_requires_grad(const ts_tensor *t);
+int ts_set_requires_grad(ts_tensor *t, int requires);  /* leaves only; floating dtypes only */
+int ts_is_leaf(const ts_tensor *t);
+const char *ts_grad_fn_name(const ts_tensor *t);       /* "" for leaves */
+ts_tensor *ts_grad(const ts_tensor *t);   /* new reference, or NULL (and no error) when there is none */
+int ts_set_grad(ts_tensor *t, ts_tensor *g);           /* NULL clears */
+ts_tensor *ts_detach(ts_tensor *t);       /* shares storage, no autograd history */
+/* Accumulates d(root)/d(leaf) into every leaf's grad. grad = NULL means ones (one-element roots
+   only). Saved tensors are freed as they are used unless retain_graph. */
+int ts_backward(ts_tensor *root, ts_tensor *grad, int retain_graph);
+
 /* ---- CUDA (always declared; answers "not available" without a GPU or a CUDA build) ----------- */
 int ts_cuda_compiled(void);
 int ts_cuda_device_count(void);           /* 0 without a GPU or driver; never fails */
