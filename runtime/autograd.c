@@ -411,3 +411,19 @@ ts_tensor *ts_s_where(ts_scope *s, ts_tensor *cond, ts_tensor *a, ts_tensor *b) 
   if (s->failed || !cond || !a || !b) return ts_scope_keep(s, NULL);
   return ts_scope_keep(s, ts_where(cond, a, b));
 }
+
+int ts_rebase_inplace(ts_tensor *a, ts_tensor *r) {
+  if (!r) return ts_last_status();
+  int previous = ts_set_grad_enabled(0);
+  int st = ts_copy_(a, r);
+  ts_set_grad_enabled(previous);
+  if (!st) {
+    ts_bump_version(a);
+    ts_node_release(a->grad_fn);
+    a->grad_fn = r->grad_fn;
+    a->requires_grad = r->requires_grad;
+    r->grad_fn = NULL;
+  }
+  ts_release(r);
+  return st;
+}

@@ -72,6 +72,9 @@ ts_tensor *ts_detached(ts_tensor *t);
    require grad. After writing, the op calls ts_bump_version so saved copies notice. */
 int ts_check_inplace(const char *op, ts_tensor *t);
 void ts_bump_version(ts_tensor *t);
+/* In-place ops on tensors in the graph: r is the op's result computed out of place (and recorded);
+   it is written into a, a takes over r's history (PyTorch's "rebase") and r is released. */
+int ts_rebase_inplace(ts_tensor *a, ts_tensor *r);
 
 /* Gradient helpers backward functions share (grad mode is off while they run). */
 ts_tensor *ts_sum_to(ts_tensor *g, int ndim, const int64_t *shape);   /* undo broadcasting */

@@ -67,6 +67,11 @@ typedef struct ts_backend {
   /* Fills out (contiguous) from the Philox stream at (seed, offset); see tessera.h. */
   int (*random)(ts_tensor *out, int kind, double a, double b, uint64_t seed, uint64_t offset);
 
+  /* @nn-linear-norm-softmax-loss (entries below this line) */
+  /* @nn-spatial (entries below this line) */
+  /* @nn-attention (entries below this line) */
+  /* @optim (entries below this line) */
+
   int (*synchronize)(int device_index);
 } ts_backend;
 

@@ -114,24 +114,6 @@ static int done_inplace(ts_tensor *a, const ts_tensor *result) {
   return TS_OK;
 }
 
-/* An in-place op on a tensor in the graph: the recorded out-of-place result r is written into a,
-   and a takes over r's history (PyTorch's "rebase"), so later uses differentiate the new value. */
-static int rebase(ts_tensor *a, ts_tensor *r) {
-  if (!r) return ts_last_status();
-  int previous = ts_set_grad_enabled(0);
-  int st = ts_copy_(a, r);
-  ts_set_grad_enabled(previous);
-  if (!st) {
-    ts_bump_version(a);
-    ts_node_release(a->grad_fn);
-    a->grad_fn = r->grad_fn;
-    a->requires_grad = r->requires_grad;
-    r->grad_fn = NULL;
-  }
-  ts_release(r);
-  return st;
-}
-
 /* Records n for out with the given tensors saved; on failure releases out and returns NULL. */
 static ts_tensor *finish_saving(ts_node *n, ts_tensor *out, int count, ts_tensor *const *save) {
   for (int k = 0; n && k < count; k++)
@@ -294,7 +276,7 @@ ts_tensor *ts_unary(int op, ts_tensor *a) { return unary_recorded(op, a); }
 
 int ts_unary_(int op, ts_tensor *a) {
   if (check_writable(ts_unary_op_name(op), a)) return ts_last_status();
-  if (ts_any_requires_grad(1, &a)) return rebase(a, unary_recorded(op, a));
+  if (ts_any_requires_grad(1, &a)) return ts_rebase_inplace(a, unary_recorded(op, a));
   ts_tensor *r = unary_impl(op, a, a);
   ts_release(r);
   return done_inplace(a, r);
@@ -344,7 +326,7 @@ int ts_binary_(int op, ts_tensor *a, ts_tensor *b) {
     if (!can_cast(ts_binary_result_dtype(op, a->dtype, b->dtype), a->dtype))
       return ts_set_error(TS_ERR_DTYPE, "%s_: result type %s can't be cast to the tensor's dtype %s", ts_binary_op_name(op),
                           ts_dtype_name(ts_binary_result_dtype(op, a->dtype, b->dtype)), ts_dtype_name(a->dtype));
-    return rebase(a, binary_recorded(op, a, a->dtype, b, b->dtype));
+    return ts_rebase_inplace(a, binary_recorded(op, a, a->dtype, b, b->dtype));
   }
   ts_tensor *r = binary_impl(op, a, a->dtype, b, b->dtype, a);
   ts_release(r);
@@ -383,7 +365,7 @@ int ts_binary_scalar_(int op, ts_tensor *a, double s) {
   ts_tensor *r;
   int st;
   if (ts_any_requires_grad(1, &a)) {
-    st = rebase(a, binary_recorded(op, a, a->dtype, b, weak));
+    st = ts_rebase_inplace(a, binary_recorded(op, a, a->dtype, b, weak));
   } else {
     r = binary_impl(op, a, a->dtype, b, weak, a);
     ts_release(r);
@@ -496,7 +478,7 @@ ts_tensor *ts_clamp(ts_tensor *a, double lo, double hi, int has_lo, int has_hi) 
 
 int ts_clamp_(ts_tensor *a, double lo, double hi, int has_lo, int has_hi) {
   if (check_writable("clamp", a)) return ts_last_status();
-  if (ts_any_requires_grad(1, &a)) return rebase(a, clamp_recorded(a, lo, hi, has_lo, has_hi));
+  if (ts_any_requires_grad(1, &a)) return ts_rebase_inplace(a, clamp_recorded(a, lo, hi, has_lo, has_hi));
   ts_tensor *r = clamp_impl(a, lo, hi, has_lo, has_hi, a);
   ts_release(r);
   return done_inplace(a, r);

@@ -44,5 +44,9 @@ const ts_backend ts_cpu_backend = {
     .sort = cpu_sort,
     .topk = cpu_topk,
     .random = cpu_random,
+    /* @nn-linear-norm-softmax-loss (entries below this line) */
+    /* @nn-spatial (entries below this line) */
+    /* @nn-attention (entries below this line) */
+    /* @optim (entries below this line) */
     .synchronize = cpu_synchronize,
 };

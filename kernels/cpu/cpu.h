@@ -63,4 +63,9 @@ int cpu_topk(ts_tensor *values, ts_tensor *indices, const ts_tensor *a, int64_t 
 /* random.c */
 int cpu_random(ts_tensor *out, int kind, double a, double b, uint64_t seed, uint64_t offset);
 
+/* @nn-linear-norm-softmax-loss (declarations below this line) */
+/* @nn-spatial (declarations below this line) */
+/* @nn-attention (declarations below this line) */
+/* @optim (declarations below this line) */
+
 #endif

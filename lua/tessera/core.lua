@@ -183,8 +183,9 @@ function core.size_args(what, ...)
   local n = select('#', ...)
   local args = { ... }
   local opts = {}
-  if n > 0 and type(args[n]) == 'table' and not core.is_tensor(args[n])
-      and (args[n][1] == nil and next(args[n]) ~= nil) then
+  -- a trailing table without list entries is the options (an empty one too, after sizes)
+  if n > 0 and type(args[n]) == 'table' and not core.is_tensor(args[n]) and args[n][1] == nil
+      and (n > 1 or next(args[n]) ~= nil) then
     opts = args[n]
     n = n - 1
   end

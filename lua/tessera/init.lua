@@ -9,5 +9,7 @@ require 'tessera.random'
 require 'tessera.linalg'
 require 'tessera.indexing'
 require 'tessera.reduce'
+-- @modules (requires below this line)
+require 'tessera.nn'
 core.finish_metatype()
 return core.T

@@ -229,6 +229,13 @@ ts_tensor *ts_detach(ts_tensor *t);       /* shares storage, no autograd history
    only). Saved tensors are freed as they are used unless retain_graph. */
 int ts_backward(ts_tensor *root, ts_tensor *grad, int retain_graph);
 
+/* ---- neural-network ops: forward in C, backward recorded on the tape ----------------------------- */
+/* Layout conventions as PyTorch: images are [N, C, H, W]; linear weights [out, in]. */
+/* @nn-linear-norm-softmax-loss (declarations below this line) */
+/* @nn-spatial (declarations below this line) */
+/* @nn-attention (declarations below this line) */
+/* @optim (declarations below this line) */
+
 /* ---- CUDA (always declared; answers "not available" without a GPU or a CUDA build) ----------- */
 int ts_cuda_compiled(void);
 int ts_cuda_device_count(void);           /* 0 without a GPU or driver; never fails */
