@@ -3,7 +3,7 @@
 #include "backend.h"
 
 #ifdef TESSERA_HAVE_CUDA
-int ts_cuda_available_devices(void); /* kernels/cuda/memory.cu: device count, 0 without a driver */
+int ts_cuda_available_devices(void); /* kernels/cuda/device.cu: device count, 0 without a driver */
 #endif
 
 const ts_backend *ts_backend_for(ts_device dev) {

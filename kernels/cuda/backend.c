@@ -1,0 +1,36 @@
+/* backend.c — the CUDA kernel table. NULL entries are not implemented on CUDA yet: the runtime
+ * answers "<op>: not implemented on cuda:N" for them. */
+#include "cuda.h"
+
+const ts_backend ts_cuda_backend = {
+    .name = "cuda",
+    .alloc = cuda_alloc,
+    .free = cuda_free,
+    .copy_from_host = cuda_copy_from_host,
+    .copy_to_host = cuda_copy_to_host,
+    .compute_dtype = cuda_compute_dtype,
+    .copy = cuda_copy,
+    .fill = cuda_fill,
+    .arange = cuda_arange,
+    .unary = cuda_unary,
+    .binary = cuda_binary,
+    .where = cuda_where,
+    .clamp = cuda_clamp,
+    .unary_backward = NULL,
+    .reduce = NULL,
+    .var = NULL,
+    .norm = NULL,
+    .arg_reduce = NULL,
+    .bmm = NULL,
+    .index_select = NULL,
+    .gather = NULL,
+    .scatter = NULL,
+    .masked_fill = NULL,
+    .nonzero = NULL,
+    .index = NULL,
+    .index_put = NULL,
+    .sort = NULL,
+    .topk = NULL,
+    .random = NULL,
+    .synchronize = cuda_synchronize,
+};
