@@ -21,6 +21,9 @@ typedef struct ts_backend {
   void (*free)(void *ptr, size_t nbytes, int device_index);
   int (*copy_from_host)(void *dst, const void *src, size_t nbytes, int device_index);
   int (*copy_to_host)(void *dst, const void *src, size_t nbytes, int device_index);
+  /* Bytes the allocator holds for reuse beyond the live ones, and giving them back. */
+  int64_t (*cached_bytes)(int device_index);
+  void (*empty_cache)(int device_index);
 
   /* The dtype elementwise/reduction kernels take for values stored as `dtype`. */
   int (*compute_dtype)(int dtype);
@@ -67,10 +70,117 @@ typedef struct ts_backend {
   /* Fills out (contiguous) from the Philox stream at (seed, offset); see tessera.h. */
   int (*random)(ts_tensor *out, int kind, double a, double b, uint64_t seed, uint64_t offset);
 
+  /* @masks: UM-MAE compaction (runtime/masks.c). x [N,H,W,C] and out [N,H/2,W/2,C] contiguous, any
+     dtype (elements are copied, never converted); kept int64 [N,G] contiguous: for each group g
+     (row-major on the (H/2p) x (W/2p) group grid) the index of its visible patch on the
+     (H/p) x (W/p) patch grid, already checked. out's p x p block of group g = x's tokens of patch
+     kept[n,g]. The backward writes all of gx [N,H,W,C]: g's block at kept patches, zeros elsewhere. */
+  int (*uniform_compact)(ts_tensor *out, const ts_tensor *x, const ts_tensor *kept, int64_t patch_tokens);
+  int (*uniform_compact_backward)(ts_tensor *gx, const ts_tensor *g, const ts_tensor *kept, int64_t patch_tokens);
+
   /* @nn-linear-norm-softmax-loss (entries below this line) */
+  /* Linear layers on 2-D operands, each with a unit stride in one of its dims (BLAS layout):
+     out [M,N] = x [M,K] @ w[N,K]^T + b[N] (b may be NULL). The backward writes the gradients that
+     are not NULL: gx [M,K] = g @ w, gw [N,K] = g^T @ x, gb [N] = sum of g over rows; g contiguous. */
+  int (*linear)(ts_tensor *out, const ts_tensor *x, const ts_tensor *w, const ts_tensor *b);
+  int (*linear_backward)(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_tensor *g, const ts_tensor *x,
+                         const ts_tensor *w);
+  /* Normalization; all tensors contiguous, statistics in the compute dtype, w and b may be NULL,
+     gradient outputs that are NULL are not wanted. rstd = 1/sqrt(biased variance + eps).
+     layer norm: rows of x [M,N]; mean, rstd [M]; w, b [N]. */
+  int (*layer_norm)(ts_tensor *out, ts_tensor *mean, ts_tensor *rstd, const ts_tensor *x, const ts_tensor *w,
+                    const ts_tensor *b, double eps);
+  int (*layer_norm_backward)(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_tensor *g, const ts_tensor *x,
+                             const ts_tensor *w, const ts_tensor *mean, const ts_tensor *rstd);
+  /* batch norm: x [N,C,S]; per-channel mean and biased var [C]; out = (x - mean) rstd w + b.
+     The backward differentiates through the batch statistics when `training`, else treats mean
+     and rstd as constants. */
+  int (*batch_norm_stats)(ts_tensor *mean, ts_tensor *var, const ts_tensor *x);
+  int (*batch_norm_apply)(ts_tensor *out, const ts_tensor *x, const ts_tensor *mean, const ts_tensor *rstd,
+                          const ts_tensor *w, const ts_tensor *b);
+  int (*batch_norm_backward)(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_tensor *g, const ts_tensor *x,
+                             const ts_tensor *w, const ts_tensor *mean, const ts_tensor *rstd, int training);
+  /* group norm: x [N,C,S]; mean, rstd [N,G] (G groups of C/G channels); w, b [C]. */
+  int (*group_norm)(ts_tensor *out, ts_tensor *mean, ts_tensor *rstd, const ts_tensor *x, const ts_tensor *w,
+                    const ts_tensor *b, double eps);
+  int (*group_norm_backward)(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_tensor *g, const ts_tensor *x,
+                             const ts_tensor *w, const ts_tensor *mean, const ts_tensor *rstd);
+  /* softmax (log_softmax when `log`) over dim 1 of contiguous [A,D,B] tensors; the backward takes
+     the forward's output y. */
+  int (*softmax)(ts_tensor *out, const ts_tensor *x, int log);
+  int (*softmax_backward)(ts_tensor *gx, const ts_tensor *g, const ts_tensor *y, int log);
+  /* out = x * mask * scale: dropout's forward and backward. mask is bool, broadcast to x's shape. */
+  int (*masked_scale)(ts_tensor *out, const ts_tensor *x, const ts_tensor *mask, double scale);
+  /* Cross entropy with a fused log-softmax over dim 1 of logits [N,C,S] (contiguous). target: int64
+     [N,S] class indices (range-checked; ignore_index allowed) or probabilities [N,C,S]; weight [C]
+     or NULL. Writes loss and lse (log-sum-exp of the logits) [N,S], and tw [N,S] when not NULL:
+     the weight a class-index target carries (0 where ignored). The backward scales position (n,s)
+     by g[n,s] (a [N,S] view, any strides) and writes glogits and, for probabilities, gtarget. */
+  int (*cross_entropy)(ts_tensor *loss, ts_tensor *lse, ts_tensor *tw, const ts_tensor *logits,
+                       const ts_tensor *target, const ts_tensor *weight, int64_t ignore_index, double smoothing);
+  int (*cross_entropy_backward)(ts_tensor *glogits, ts_tensor *gtarget, const ts_tensor *g, const ts_tensor *logits,
+                                const ts_tensor *lse, const ts_tensor *target, const ts_tensor *weight,
+                                int64_t ignore_index, double smoothing);
+  /* Elementwise losses (kind: ts_pointwise_loss in runtime/nn.h) of a and b, same shape. out has
+     their shape (reduction none: any strides for a and b) or is 0-d and receives the sum (a and b
+     contiguous). The backward: ga = scale * g * d loss / d a, g broadcast to a's shape. */
+  int (*pointwise_loss)(int kind, ts_tensor *out, const ts_tensor *a, const ts_tensor *b, double beta);
+  int (*pointwise_loss_backward)(int kind, ts_tensor *ga, const ts_tensor *g, const ts_tensor *a, const ts_tensor *b,
+                                 double beta, double scale);
+
   /* @nn-spatial (entries below this line) */
+  /* Spatial ops on images [N, C, H, W] (pools and interpolate: [planes, H, W] with any leading
+     dims). Inputs are contiguous in the compute dtype (float32 or float64); outputs and gradients
+     are fresh contiguous tensors of that dtype, filled entirely by the entry; their shapes give
+     the output sizes. Pairs are (h, w). */
+  int (*conv2d)(ts_tensor *out, const ts_tensor *x, const ts_tensor *w, const ts_tensor *b, const int64_t stride[2],
+                const int64_t padding[2], const int64_t dilation[2], int64_t groups);  /* b may be NULL */
+  /* Writes those of gx, gw, gb that are not NULL, from g shaped like conv2d's output. The values
+     of x are read only for gw and those of w only for gx; otherwise they may be broadcast
+     stand-ins that only carry the shape. */
+  int (*conv2d_backward)(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_tensor *g, const ts_tensor *x,
+                         const ts_tensor *w, const int64_t stride[2], const int64_t padding[2],
+                         const int64_t dilation[2], int64_t groups);
+  int (*avg_pool2d)(ts_tensor *out, const ts_tensor *x, const int64_t kernel[2], const int64_t stride[2],
+                    const int64_t padding[2], int count_include_pad);
+  int (*avg_pool2d_backward)(ts_tensor *gx, const ts_tensor *g, const int64_t kernel[2], const int64_t stride[2],
+                             const int64_t padding[2], int count_include_pad);
+  /* indices (int64, out's shape): the flat h * W + w of each maximum within its plane, -1 where a
+     dilated window covers no input pixel (its output is -inf). */
+  int (*max_pool2d)(ts_tensor *out, ts_tensor *indices, const ts_tensor *x, const int64_t kernel[2],
+                    const int64_t stride[2], const int64_t padding[2], const int64_t dilation[2]);
+  int (*max_pool2d_backward)(ts_tensor *gx, const ts_tensor *g, const ts_tensor *indices);
+  int (*adaptive_avg_pool2d)(ts_tensor *out, const ts_tensor *x);
+  int (*adaptive_avg_pool2d_backward)(ts_tensor *gx, const ts_tensor *g);
+  /* scale: the caller's scale factors, <= 0 where none (see ts_interpolate). */
+  int (*interpolate)(ts_tensor *out, const ts_tensor *x, int mode, int align_corners, const double scale[2]);
+  int (*interpolate_backward)(ts_tensor *gx, const ts_tensor *g, int mode, int align_corners, const double scale[2]);
   /* @nn-attention (entries below this line) */
+  /* Scaled dot-product attention over (batch·head) blocks in the compute dtype: q [BH,Nq,D], k [BH,Nk,D],
+     v [BH,Nk,Dv] and out [BH,Nq,Dv] are contiguous; lse [BH,Nq] receives each row's log-sum-exp of the
+     scores (-inf for a row masked entirely, whose output is zeros). bias: NULL or a view [E..., Nq, Nk]
+     (any strides, 0 where broadcast) whose leading dims E enumerate the BH blocks row-major. */
+  int (*attention)(ts_tensor *out, ts_tensor *lse, const ts_tensor *q, const ts_tensor *k, const ts_tensor *v,
+                   const ts_tensor *bias, double scale);
+  /* Its gradients given dout [BH,Nq,Dv] and the forward's out and lse; dq, dk, dv (shaped as q, k, v)
+     and dbias may each be NULL when not wanted. dbias is contiguous [E'..., Nq, Nk], E'[d] either
+     E[d] or 1: it receives dS summed over the blocks that share each bias block. */
+  int (*attention_backward)(ts_tensor *dq, ts_tensor *dk, ts_tensor *dv, ts_tensor *dbias, const ts_tensor *dout,
+                            const ts_tensor *q, const ts_tensor *k, const ts_tensor *v, const ts_tensor *bias,
+                            const ts_tensor *out, const ts_tensor *lse, double scale);
   /* @optim (entries below this line) */
+  /* Multi-tensor updates and reductions over n tensors (see ts_adamw_step and friends in
+     tessera.h). The runtime has validated everything, dropped skipped tensors and hands over
+     contiguous tensors only; parameters and optimizer state are written in place. */
+  int (*adamw)(int n, ts_tensor *const *params, ts_tensor *const *grads, ts_tensor *const *exp_avg,
+               ts_tensor *const *exp_avg_sq, const double *lr, const double *weight_decay, double beta1,
+               double beta2, double eps, const int64_t *step);
+  int (*sgd)(int n, ts_tensor *const *params, ts_tensor *const *grads, ts_tensor *const *momentum_buffers,
+             const double *lr, const double *weight_decay, double momentum, double dampening, int nesterov,
+             const int *first_step);
+  /* The p-norm (p > 0 finite, or INFINITY) of all elements of all tensors together, in double. */
+  int (*multi_norm)(int n, ts_tensor *const *tensors, double p, double *out);
+  int (*multi_scale)(int n, ts_tensor *const *tensors, double factor);  /* x *= factor */
 
   int (*synchronize)(int device_index);
 } ts_backend;

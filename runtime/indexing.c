@@ -5,7 +5,15 @@
  * names the offending value, the dim and its size. The backend then receives int64 indices with
  * negative values already wrapped, so its kernels never check bounds. Index tensors may be int64
  * or int32; a bool index tensor (advanced indexing) stands for the coordinates of its true
- * elements. */
+ * elements.
+ *
+ * Autograd, as PyTorch: every op is differentiable in its floating inputs (never in its indices
+ * or masks). Each backward moves g back to where the forward took its elements from: the pieces
+ * of a cat, an accumulating put for index_select and advanced indexing (duplicate indices add
+ * up), scatter_add for gather, zeros where masked_fill and a replacing scatter or index_put_
+ * overwrote the input. In-place forms on tensors in the graph compute out of place, record, and
+ * hand the history to the tensor (ts_rebase_inplace); every in-place write bumps the version. */
+#include "autograd.h"
 #include "backend.h"
 
 #include <stdlib.h>
@@ -98,6 +106,39 @@ static int finish_in_place(ts_tensor *a, ts_tensor *work, int status) {
   return status;
 }
 
+/* ---- autograd helpers ------------------------------------------------------------------------ */
+/* A differentiable op runs its forward plumbing (views, copies, conversions) with grad mode off,
+   then records one node of its own. */
+
+/* Saves `count` tensors for n's backward and attaches n to out; on failure releases both. */
+static ts_tensor *finish_saving(ts_node *n, ts_tensor *out, int count, ts_tensor *const *save) {
+  for (int k = 0; n && k < count; k++)
+    if (ts_node_save(n, save[k])) {
+      ts_node_release(n);
+      ts_release(out);
+      return NULL;
+    }
+  return ts_node_finish(n, out);
+}
+
+/* Zeros of input k's shape in g's dtype: what a backward scatters or puts g into. */
+static ts_tensor *zeros_like_input(const ts_node *n, int k, const ts_tensor *g) {
+  const ts_edge *e = ts_node_input(n, k);
+  return ts_full(e->ndim, e->shape, 0, g->dtype, g->device);
+}
+
+/* Before an in-place write: no broadcast dims to write through, and autograd allows it. */
+static int check_in_place(const char *op, ts_tensor *t) {
+  if (check_writable(op, t) || ts_check_inplace(op, t)) return ts_last_status();
+  return TS_OK;
+}
+
+/* After an in-place write done without autograd: tensors saved for a backward notice it. */
+static int wrote(ts_tensor *t, int status) {
+  if (!status) ts_bump_version(t);
+  return status;
+}
+
 /* ---- cat and stack --------------------------------------------------------------------------- */
 /* PyTorch still accepts 1-D empty tensors next to tensors of any shape, and skips them. */
 static int is_legacy_empty(const ts_tensor *t) { return t->ndim == 1 && t->shape[0] == 0; }
@@ -138,7 +179,7 @@ static int cat_shape(int n, ts_tensor *const *tensors, const ts_tensor *ref, int
   return TS_OK;
 }
 
-ts_tensor *ts_cat(int n, ts_tensor *const *tensors, int dim) {
+static ts_tensor *cat_forward(int n, ts_tensor *const *tensors, int dim, int *wrapped) {
   if (check_tensor_list("cat", n, tensors)) return NULL;
   int dtype = tensors[0]->dtype;
   for (int i = 0; i < n; i++) {
@@ -164,10 +205,53 @@ ts_tensor *ts_cat(int n, ts_tensor *const *tensors, int dim) {
     }
     pos += t->shape[d];
   }
+  *wrapped = d;
   return out;
 }
 
-ts_tensor *ts_stack(int n, ts_tensor *const *tensors, int dim) {
+/* Each input's gradient is its piece of g, in its own dtype: n->ivec[k] is where input k starts
+   along dim n->i[0], -1 for a skipped 1-D empty input (whose gradient is empty). */
+static int cat_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  int dim = (int)n->i[0], st = TS_OK;
+  for (int k = 0; k < n->n_inputs && !st; k++) {
+    if (!ts_node_needs_grad(n, k)) continue;
+    const ts_edge *e = ts_node_input(n, k);
+    ts_tensor *piece = n->ivec[k] < 0 ? zeros_like_input(n, k, g) : ts_narrow(g, dim, n->ivec[k], e->shape[dim]);
+    st = piece ? ts_set_input_grad(n, k, piece, grads) : ts_last_status();
+    ts_release(piece);
+  }
+  return st;
+}
+
+static ts_tensor *record_cat(int n, ts_tensor *const *tensors, int dim, ts_tensor *out) {
+  ts_node *node = ts_grad_node("cat", cat_backward, n, tensors);
+  if (!node) return out;
+  node->ivec = malloc((size_t)n * sizeof *node->ivec);
+  if (!node->ivec) {
+    ts_node_release(node);
+    ts_release(out);
+    return TS_FAIL_NULL(TS_ERR_MEMORY, "cat: out of host memory recording %d inputs for autograd", n);
+  }
+  const ts_tensor *ref = cat_reference(n, tensors);
+  int64_t pos = 0;
+  for (int k = 0; k < n; k++) {
+    const ts_tensor *t = tensors[k];
+    int skipped = t != ref && is_legacy_empty(t);
+    node->ivec[k] = skipped ? -1 : pos;
+    if (!skipped) pos += t->shape[dim];
+  }
+  node->i[0] = dim;
+  return ts_node_finish(node, out);
+}
+
+ts_tensor *ts_cat(int n, ts_tensor *const *tensors, int dim) {
+  int d = 0, previous = ts_set_grad_enabled(0);
+  ts_tensor *out = cat_forward(n, tensors, dim, &d);
+  ts_set_grad_enabled(previous);
+  return out ? record_cat(n, tensors, d, out) : NULL;
+}
+
+static ts_tensor *stack_forward(int n, ts_tensor *const *tensors, int dim, int *wrapped) {
   if (check_tensor_list("stack", n, tensors)) return NULL;
   const ts_tensor *first = tensors[0];
   for (int i = 1; i < n; i++) {
@@ -186,14 +270,38 @@ ts_tensor *ts_stack(int n, ts_tensor *const *tensors, int dim) {
   int i = 0;
   for (; i < n; i++)
     if (!(views[i] = ts_unsqueeze(tensors[i], d))) break;
-  if (i == n) out = ts_cat(n, views, d);
+  int cat_dim;
+  if (i == n) out = cat_forward(n, views, d, &cat_dim);
   for (int k = 0; k < n; k++) ts_release(views[k]);
   free(views);
+  *wrapped = d;
   return out;
 }
 
+/* Input k's gradient is g's slice k along the new dim. */
+static int stack_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  int st = TS_OK;
+  for (int k = 0; k < n->n_inputs && !st; k++) {
+    if (!ts_node_needs_grad(n, k)) continue;
+    ts_tensor *slice = ts_select(g, (int)n->i[0], k);
+    st = slice ? ts_set_input_grad(n, k, slice, grads) : ts_last_status();
+    ts_release(slice);
+  }
+  return st;
+}
+
+ts_tensor *ts_stack(int n, ts_tensor *const *tensors, int dim) {
+  int d = 0, previous = ts_set_grad_enabled(0);
+  ts_tensor *out = stack_forward(n, tensors, dim, &d);
+  ts_set_grad_enabled(previous);
+  if (!out) return NULL;
+  ts_node *node = ts_grad_node("stack", stack_backward, n, tensors);
+  if (node) node->i[0] = d;
+  return ts_node_finish(node, out);
+}
+
 /* ---- index_select and gather ----------------------------------------------------------------- */
-ts_tensor *ts_index_select(ts_tensor *a, int dim, ts_tensor *index) {
+static ts_tensor *index_select_forward(ts_tensor *a, int dim, ts_tensor *index, int *wrapped) {
   int d;
   if (ts_same_device("index_select", a, index) || ts_wrap_dim("index_select", dim, a->ndim, &d)) return NULL;
   if (check_index_dtype("index_select", index)) return NULL;
@@ -216,7 +324,36 @@ ts_tensor *ts_index_select(ts_tensor *a, int dim, ts_tensor *index) {
     out = NULL;
   }
   ts_release(idx);
+  *wrapped = d;
   return out;
+}
+
+/* index_add of g into zeros: the rows g came from get it back, repeated indices adding up. It is
+   an accumulating put along the first dim, so dim is moved there. */
+static int index_select_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  ts_tensor *index = ts_node_saved(n, 0);
+  if (!index) return ts_last_status();
+  if (ts_node_input(n, 0)->ndim == 0) return ts_set_input_grad(n, 0, g, grads); /* its one element, once */
+  int dim = (int)n->i[0];
+  int64_t count = ts_numel(index);
+  ts_scope s = {0};
+  ts_tensor *gx = ts_scope_keep(&s, zeros_like_input(n, 0, g));
+  ts_tensor *flat = ts_scope_keep(&s, ts_reshape(index, 1, &count));
+  ts_tensor *rows = gx ? ts_scope_keep(&s, ts_transpose(gx, dim, 0)) : NULL;
+  ts_tensor *g_rows = ts_scope_keep(&s, ts_transpose(g, dim, 0));
+  if (!s.failed && ts_index_put_(rows, 1, &flat, g_rows, 1)) s.failed = 1;
+  if (!s.failed && ts_set_input_grad(n, 0, gx, grads)) s.failed = 1;
+  return ts_scope_close(&s);
+}
+
+ts_tensor *ts_index_select(ts_tensor *a, int dim, ts_tensor *index) {
+  int d = 0, previous = ts_set_grad_enabled(0);
+  ts_tensor *out = index_select_forward(a, dim, index, &d);
+  ts_set_grad_enabled(previous);
+  if (!out) return NULL;
+  ts_node *n = ts_grad_node("index_select", index_select_backward, 1, &a);
+  if (n) n->i[0] = d;
+  return finish_saving(n, out, 1, &index);
 }
 
 /* gather and scatter: index has as many dims as a, and fits in a except along dim. */
@@ -231,7 +368,7 @@ static int check_index_fits(const char *op, const ts_tensor *a, int dim, const t
   return TS_OK;
 }
 
-ts_tensor *ts_gather(ts_tensor *a, int dim, ts_tensor *index) {
+static ts_tensor *gather_forward(ts_tensor *a, int dim, ts_tensor *index, int *wrapped) {
   int d;
   if (ts_same_device("gather", a, index) || ts_wrap_dim("gather", dim, a->ndim, &d)) return NULL;
   if (check_index_dtype("gather", index) || check_index_fits("gather", a, d, index)) return NULL;
@@ -245,7 +382,29 @@ ts_tensor *ts_gather(ts_tensor *a, int dim, ts_tensor *index) {
     out = NULL;
   }
   ts_release(idx);
+  *wrapped = d;
   return out;
+}
+
+/* scatter_add of g into zeros: every element g came from gets it back, repeats adding up. */
+static int gather_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  ts_tensor *index = ts_node_saved(n, 0);
+  if (!index) return ts_last_status();
+  ts_scope s = {0};
+  ts_tensor *gx = ts_scope_keep(&s, zeros_like_input(n, 0, g));
+  if (gx && ts_scatter_(gx, (int)n->i[0], index, g, TS_SCATTER_ADD)) s.failed = 1;
+  if (!s.failed && ts_set_input_grad(n, 0, gx, grads)) s.failed = 1;
+  return ts_scope_close(&s);
+}
+
+ts_tensor *ts_gather(ts_tensor *a, int dim, ts_tensor *index) {
+  int d = 0, previous = ts_set_grad_enabled(0);
+  ts_tensor *out = gather_forward(a, dim, index, &d);
+  ts_set_grad_enabled(previous);
+  if (!out) return NULL;
+  ts_node *n = ts_grad_node("gather", gather_backward, 1, &a);
+  if (n) n->i[0] = d;
+  return finish_saving(n, out, 1, &index);
 }
 
 /* ---- scatter --------------------------------------------------------------------------------- */
@@ -290,19 +449,76 @@ static int scatter_into(const char *op, ts_tensor *a, int dim, ts_tensor *index,
   return work ? finish_in_place(a, work, st) : st;
 }
 
+/* The gradient of src is gather(g): what each src element was written to. Where src is larger
+   than index its other elements were not used and get 0. */
+static ts_tensor *src_grad(ts_scope *s, ts_node *n, ts_tensor *g, int dim, ts_tensor *index) {
+  const ts_edge *e = ts_node_input(n, 1);
+  ts_tensor *picked = ts_scope_keep(s, ts_gather(g, dim, index));
+  if (!picked || is_shape(e->ndim, e->shape, index->ndim, index->shape)) return picked;
+  ts_tensor *full = ts_scope_keep(s, zeros_like_input(n, 1, g)), *used = full;
+  if (used) ts_retain(used);
+  for (int d = 0; used && d < e->ndim; d++) {
+    ts_tensor *narrower = ts_narrow(used, d, 0, index->shape[d]);
+    ts_release(used);
+    used = narrower;
+  }
+  if (!used || ts_copy_(used, picked)) s->failed = 1;
+  ts_release(used);
+  return s->failed ? NULL : full;
+}
+
+/* REPLACE: a's elements that were overwritten get no gradient (g with zeros scattered there), src
+   gets gather(g). ADD: a gets g, src gets gather(g). */
+static int scatter_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  ts_tensor *index = ts_node_saved(n, 0);
+  if (!index) return ts_last_status();
+  int dim = (int)n->i[0], mode = (int)n->i[1];
+  ts_scope s = {0};
+  ts_tensor *ga = NULL, *gsrc = NULL;
+  if (ts_node_needs_grad(n, 0) && mode == TS_SCATTER_ADD) ga = g;
+  if (ts_node_needs_grad(n, 0) && mode == TS_SCATTER_REPLACE) {
+    ts_tensor *zero = ts_scope_keep(&s, ts_full(0, NULL, 0, g->dtype, g->device));
+    ts_tensor *zeros = zero ? ts_scope_keep(&s, ts_expand(zero, index->ndim, index->shape)) : NULL;
+    ga = zeros ? ts_scope_keep(&s, ts_scatter(g, dim, index, zeros, TS_SCATTER_REPLACE)) : NULL;
+  }
+  if (ts_node_needs_grad(n, 1)) gsrc = src_grad(&s, n, g, dim, index);
+  if (!s.failed && (ts_set_input_grad(n, 0, ga, grads) || ts_set_input_grad(n, 1, gsrc, grads))) s.failed = 1;
+  return ts_scope_close(&s);
+}
+
+/* scatter out of place, recorded; `op` names the caller in errors. */
+static ts_tensor *scatter_recorded(const char *op, ts_tensor *a, int dim, ts_tensor *index, ts_tensor *src, int mode) {
+  int previous = ts_set_grad_enabled(0);
+  ts_tensor *out = ts_clone(a);
+  if (out && scatter_into(op, out, dim, index, src, mode)) {
+    ts_release(out);
+    out = NULL;
+  }
+  ts_set_grad_enabled(previous);
+  if (!out) return NULL;
+  ts_tensor *inputs[2] = {a, src};
+  ts_node *n = ts_grad_node(scatter_name(mode, 0), scatter_backward, 2, inputs);
+  if (!n) return out;
+  int d = 0;
+  ts_wrap_dim(op, dim, a->ndim, &d); /* checked by the forward */
+  n->i[0] = d;
+  n->i[1] = mode;
+  return finish_saving(n, out, 1, &index);
+}
+
 int ts_scatter_(ts_tensor *a, int dim, ts_tensor *index, ts_tensor *src, int mode) {
   const char *op = scatter_name(mode, 1);
-  if (check_writable(op, a)) return ts_last_status();
-  return scatter_into(op, a, dim, index, src, mode);
+  if (check_in_place(op, a)) return ts_last_status();
+  if (ts_any_requires_grad(2, (ts_tensor *[]){a, src}))
+    return ts_rebase_inplace(a, scatter_recorded(op, a, dim, index, src, mode));
+  int previous = ts_set_grad_enabled(0);
+  int st = scatter_into(op, a, dim, index, src, mode);
+  ts_set_grad_enabled(previous);
+  return wrote(a, st);
 }
 
 ts_tensor *ts_scatter(ts_tensor *a, int dim, ts_tensor *index, ts_tensor *src, int mode) {
-  ts_tensor *out = ts_clone(a);
-  if (out && scatter_into(scatter_name(mode, 0), out, dim, index, src, mode)) {
-    ts_release(out);
-    return NULL;
-  }
-  return out;
+  return scatter_recorded(scatter_name(mode, 0), a, dim, index, src, mode);
 }
 
 /* ---- masks ----------------------------------------------------------------------------------- */
@@ -313,36 +529,66 @@ static int check_mask(const char *op, const ts_tensor *a, const ts_tensor *mask)
   return TS_OK;
 }
 
-int ts_masked_fill_(ts_tensor *a, ts_tensor *mask, double value) {
-  if (check_writable("masked_fill_", a) || check_mask("masked_fill_", a, mask)) return ts_last_status();
+/* The in-place form writes a as it is: the mask must broadcast to a's shape. */
+static int check_mask_fits(const char *op, const ts_tensor *a, const ts_tensor *mask) {
+  if (check_mask(op, a, mask)) return ts_last_status();
   int ndim;
   int64_t shape[TS_MAX_DIMS];
-  if (ts_broadcast_shapes("masked_fill_", a, mask, &ndim, shape)) return ts_last_status();
+  if (ts_broadcast_shapes(op, a, mask, &ndim, shape)) return ts_last_status();
   if (!is_shape(ndim, shape, a->ndim, a->shape))
-    return ts_set_error(TS_ERR_SHAPE, "masked_fill_: mask %s cannot be broadcast to the tensor's shape %s",
-                        ts_tshape(mask), ts_tshape(a));
+    return ts_set_error(TS_ERR_SHAPE, "%s: mask %s cannot be broadcast to the tensor's shape %s", op, ts_tshape(mask),
+                        ts_tshape(a));
+  return TS_OK;
+}
+
+static int fill_masked(const char *op, ts_tensor *a, ts_tensor *mask, double value) {
   const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, masked_fill, "masked_fill_", a->device)) return ts_last_status();
+  if (!be || TS_BACKEND_FN(be, masked_fill, op, a->device)) return ts_last_status();
   ts_tensor *m = ts_expand(mask, a->ndim, a->shape);
   int st = m ? be->masked_fill(a, m, value) : ts_last_status();
   ts_release(m);
   return st;
 }
 
+/* The filled elements do not depend on the input: g passes everywhere else. */
+static int masked_fill_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  ts_tensor *mask = ts_node_saved(n, 0);
+  if (!mask) return ts_last_status();
+  ts_scope s = {0};
+  ts_tensor *zero = ts_scope_keep(&s, ts_full(0, NULL, 0, g->dtype, g->device));
+  ts_tensor *gx = ts_s_where(&s, mask, zero, g);
+  if (!s.failed && ts_set_input_grad(n, 0, gx, grads)) s.failed = 1;
+  return ts_scope_close(&s);
+}
+
 /* The out-of-place form broadcasts the tensor and the mask together, as PyTorch does. */
-ts_tensor *ts_masked_fill(ts_tensor *a, ts_tensor *mask, double value) {
-  if (check_mask("masked_fill", a, mask)) return NULL;
+static ts_tensor *masked_fill_recorded(const char *op, ts_tensor *a, ts_tensor *mask, double value) {
+  if (check_mask(op, a, mask)) return NULL;
   int ndim;
   int64_t shape[TS_MAX_DIMS];
-  if (ts_broadcast_shapes("masked_fill", a, mask, &ndim, shape)) return NULL;
+  if (ts_broadcast_shapes(op, a, mask, &ndim, shape)) return NULL;
+  int previous = ts_set_grad_enabled(0);
   ts_tensor *view = ts_expand(a, ndim, shape);
   ts_tensor *out = view ? ts_clone(view) : NULL;
   ts_release(view);
-  if (out && ts_masked_fill_(out, mask, value)) {
+  if (out && fill_masked(op, out, mask, value)) {
     ts_release(out);
-    return NULL;
+    out = NULL;
   }
-  return out;
+  ts_set_grad_enabled(previous);
+  if (!out) return NULL;
+  return finish_saving(ts_grad_node("masked_fill", masked_fill_backward, 1, &a), out, 1, &mask);
+}
+
+ts_tensor *ts_masked_fill(ts_tensor *a, ts_tensor *mask, double value) {
+  return masked_fill_recorded("masked_fill", a, mask, value);
+}
+
+int ts_masked_fill_(ts_tensor *a, ts_tensor *mask, double value) {
+  const char *op = "masked_fill_";
+  if (check_in_place(op, a) || check_mask_fits(op, a, mask)) return ts_last_status();
+  if (ts_any_requires_grad(1, &a)) return ts_rebase_inplace(a, masked_fill_recorded(op, a, mask, value));
+  return wrote(a, fill_masked(op, a, mask, value));
 }
 
 ts_tensor *ts_nonzero(ts_tensor *a) {
@@ -351,17 +597,40 @@ ts_tensor *ts_nonzero(ts_tensor *a) {
   return be->nonzero(a);
 }
 
+/* g goes back to the selected positions of the broadcast shape (n->i[0] dims n->i[1...]), then
+   is summed over the dims a was broadcast in. */
+static int masked_select_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  ts_tensor *mask = ts_node_saved(n, 0);
+  if (!mask) return ts_last_status();
+  int ndim = (int)n->i[0];
+  const int64_t *shape = &n->i[1];
+  ts_scope s = {0};
+  ts_tensor *gx = ts_scope_keep(&s, ts_full(ndim, shape, 0, g->dtype, g->device));
+  ts_tensor *m = ts_scope_keep(&s, ts_expand(mask, ndim, shape));
+  if (!s.failed && ts_index_put_(gx, 1, &m, g, 0)) s.failed = 1;
+  if (!s.failed && ts_set_input_grad(n, 0, gx, grads)) s.failed = 1;
+  return ts_scope_close(&s);
+}
+
 /* a and mask broadcast together, then indexed by the mask: the selected elements, 1-D. */
 ts_tensor *ts_masked_select(ts_tensor *a, ts_tensor *mask) {
   if (check_mask("masked_select", a, mask)) return NULL;
   int ndim;
   int64_t shape[TS_MAX_DIMS];
   if (ts_broadcast_shapes("masked_select", a, mask, &ndim, shape)) return NULL;
+  int previous = ts_set_grad_enabled(0);
   ts_tensor *av = ts_expand(a, ndim, shape), *mv = ts_expand(mask, ndim, shape);
   ts_tensor *out = av && mv ? ts_index(av, 1, &mv) : NULL;
   ts_release(av);
   ts_release(mv);
-  return out;
+  ts_set_grad_enabled(previous);
+  if (!out) return NULL;
+  ts_node *n = ts_grad_node("masked_select", masked_select_backward, 1, &a);
+  if (n) {
+    n->i[0] = ndim;
+    for (int d = 0; d < ndim; d++) n->i[1 + d] = shape[d];
+  }
+  return finish_saving(n, out, 1, &mask);
 }
 
 /* ---- advanced indexing ----------------------------------------------------------------------- */
@@ -373,6 +642,8 @@ typedef struct {
   ts_tensor *idx[TS_MAX_DIMS];     /* expanded to shape */
   int ndim;
   int64_t shape[TS_MAX_DIMS];
+  int n_inserted;                  /* dims added to a for 0-d bool indices, in order of insertion */
+  int inserted[TS_MAX_DIMS];
 } index_plan;
 
 static void release_plan(index_plan *p) {
@@ -398,6 +669,7 @@ static ts_tensor *mask_as_1d(index_plan *p, ts_tensor *mask) {
   if (!wider) return NULL;
   ts_release(p->view);
   p->view = wider;
+  p->inserted[p->n_inserted++] = p->count;
   int64_t one = 1;
   return ts_reshape(mask, 1, &one);
 }
@@ -455,7 +727,7 @@ static int broadcast_indices(const char *op, index_plan *p) {
 static int plan_indices(const char *op, ts_tensor *a, int n, ts_tensor *const *indices, index_plan *p) {
   p->view = a;
   ts_retain(a);
-  p->count = 0;
+  p->count = p->n_inserted = 0;
   if (n < 0 || (n > 0 && !indices)) return ts_set_error(TS_ERR_ARG, "%s: invalid list of %d indices", op, n);
   for (int i = 0; i < n; i++) {
     ts_tensor *index = indices[i];
@@ -481,24 +753,19 @@ static int indexed_shape(const index_plan *p, int64_t *shape) {
   return ndim;
 }
 
-ts_tensor *ts_index(ts_tensor *a, int n, ts_tensor *const *indices) {
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, index, "index", a->device)) return NULL;
-  index_plan p;
-  ts_tensor *out = NULL;
-  if (!plan_indices("index", a, n, indices, &p)) {
-    int64_t shape[TS_MAX_DIMS];
-    int ndim = indexed_shape(&p, shape);
-    out = ts_empty(ndim, shape, a->dtype, a->device);
-    if (out && be->index(out, p.view, p.count, p.idx)) {
-      ts_release(out);
-      out = NULL;
-    }
+
+static ts_tensor *index_planned(const ts_backend *be, const index_plan *p) {
+  int64_t shape[TS_MAX_DIMS];
+  int ndim = indexed_shape(p, shape);
+  ts_tensor *out = ts_empty(ndim, shape, p->view->dtype, p->view->device);
+  if (out && be->index(out, p->view, p->count, p->idx)) {
+    ts_release(out);
+    out = NULL;
   }
-  release_plan(&p);
   return out;
 }
 
+/* values converted to `dtype` and broadcast to the indexed shape. */
 /* values converted to `dtype` and broadcast to the indexed shape. */
 static ts_tensor *put_values(const index_plan *p, ts_tensor *values, const ts_tensor *work, int dtype) {
   int64_t shape[TS_MAX_DIMS];
@@ -517,30 +784,175 @@ static ts_tensor *put_values(const index_plan *p, ts_tensor *values, const ts_te
   return out;
 }
 
+/* Replacing moves values in the view's dtype; accumulating adds in the backend's compute dtype. */
+static int index_put_planned(const ts_backend *be, const index_plan *p, ts_tensor *values, int accumulate) {
+  int dtype = accumulate ? be->compute_dtype(p->view->dtype) : p->view->dtype;
+  ts_tensor *work = in_place_target(p->view, dtype);
+  ts_tensor *vals = work ? put_values(p, values, work, dtype) : NULL;
+  int st = vals ? be->index_put(work, p->count, p->idx, vals, accumulate != 0) : ts_last_status();
+  ts_release(vals);
+  return work ? finish_in_place(p->view, work, st) : st;
+}
+
+/* ---- autograd for advanced indexing ---------------------------------------------------------- */
+/* A node saves the plan's checked indices (private int64 tensors, so later writes to the caller's
+   index tensors cannot change the gradient), one per slot, or stacked into one tensor when there
+   are more than a node's slots; n->i says how to rebuild the plan over another tensor. */
+enum { P_COUNT = 0, P_STACKED, P_NINSERTED, P_ACCUMULATE, P_INSERTED /* TS_MAX_DIMS entries */ };
+
+static int save_plan(ts_node *n, const index_plan *p) {
+  n->i[P_COUNT] = p->count;
+  n->i[P_NINSERTED] = p->n_inserted;
+  for (int k = 0; k < p->n_inserted; k++) n->i[P_INSERTED + k] = p->inserted[k];
+  n->i[P_STACKED] = p->count > TS_NODE_MAX_SAVED;
+  if (!n->i[P_STACKED]) {
+    for (int k = 0; k < p->count; k++)
+      if (ts_node_save(n, p->idx[k])) return ts_last_status();
+    return TS_OK;
+  }
+  ts_tensor *all = ts_stack(p->count, p->idx, 0);
+  int st = all ? ts_node_save(n, all) : ts_last_status();
+  ts_release(all);
+  return st;
+}
+
+/* The plan of n's forward over `target` (a tensor of the forward input's shape). */
+static int saved_plan(ts_node *n, ts_tensor *target, index_plan *p) {
+  *p = (index_plan){.view = target};
+  ts_retain(target);
+  for (int k = 0; k < n->i[P_NINSERTED]; k++) {
+    ts_tensor *wider = ts_unsqueeze(p->view, (int)n->i[P_INSERTED + k]);
+    if (!wider) return ts_last_status();
+    ts_release(p->view);
+    p->view = wider;
+  }
+  ts_tensor *all = NULL;
+  if (n->i[P_STACKED] && !(all = ts_node_saved(n, 0))) return ts_last_status();
+  for (int k = 0; k < n->i[P_COUNT]; k++) {
+    ts_tensor *idx = all ? ts_select(all, 0, k) : ts_node_saved(n, k);
+    if (!idx) return ts_last_status();
+    if (!all) ts_retain(idx);
+    p->idx[p->count++] = idx;
+  }
+  if (p->count) {
+    p->ndim = p->idx[0]->ndim;
+    for (int d = 0; d < p->ndim; d++) p->shape[d] = p->idx[0]->shape[d];
+  }
+  return TS_OK;
+}
+
+/* An accumulating put of g into zeros: every element g came from gets it, repeats adding up. */
+static int index_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  const ts_backend *be = ts_backend_for(g->device);
+  if (!be) return ts_last_status();
+  ts_tensor *gx = zeros_like_input(n, 0, g);
+  if (!gx) return ts_last_status();
+  index_plan p;
+  int st = saved_plan(n, gx, &p);
+  if (!st) st = index_put_planned(be, &p, g, 1);
+  release_plan(&p);
+  if (!st) st = ts_set_input_grad(n, 0, gx, grads);
+  ts_release(gx);
+  return st;
+}
+
+static ts_tensor *record_index(ts_tensor *a, const index_plan *p, ts_tensor *out) {
+  ts_node *n = ts_grad_node("index", index_backward, 1, &a);
+  if (n && save_plan(n, p)) {
+    ts_node_release(n);
+    ts_release(out);
+    return NULL;
+  }
+  return ts_node_finish(n, out);
+}
+
+/* a (replacing): g with zeros where the put overwrote a; a (accumulating): g. values: g at the
+   positions they went to, summed over the dims they were broadcast in. */
+static int index_put_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  const ts_backend *be = ts_backend_for(g->device);
+  if (!be) return ts_last_status();
+  ts_tensor *ga = NULL, *gv = NULL, *zero = NULL;
+  index_plan p;
+  int st = TS_OK;
+  if (ts_node_needs_grad(n, 0) && n->i[P_ACCUMULATE]) {
+    ts_retain(g);
+    ga = g;
+  } else if (ts_node_needs_grad(n, 0)) {
+    ga = ts_clone(g);
+    zero = ga ? ts_full(0, NULL, 0, g->dtype, g->device) : NULL;
+    st = zero ? saved_plan(n, ga, &p) : ts_last_status();
+    if (zero && !st) st = index_put_planned(be, &p, zero, 0);
+    if (zero) release_plan(&p);
+  }
+  if (!st && ts_node_needs_grad(n, 1)) {
+    st = saved_plan(n, g, &p);
+    if (!st && !(gv = index_planned(be, &p))) st = ts_last_status();
+    release_plan(&p);
+  }
+  if (!st) st = ts_set_input_grad(n, 0, ga, grads);
+  if (!st) st = ts_set_input_grad(n, 1, gv, grads);
+  ts_release(zero);
+  ts_release(ga);
+  ts_release(gv);
+  return st;
+}
+
+/* ---- index and index_put_ -------------------------------------------------------------------- */
+ts_tensor *ts_index(ts_tensor *a, int n, ts_tensor *const *indices) {
+  const ts_backend *be = ts_backend_for(a->device);
+  if (!be || TS_BACKEND_FN(be, index, "index", a->device)) return NULL;
+  index_plan p;
+  int previous = ts_set_grad_enabled(0);
+  ts_tensor *out = plan_indices("index", a, n, indices, &p) ? NULL : index_planned(be, &p);
+  ts_set_grad_enabled(previous);
+  if (out && ts_any_requires_grad(1, &a)) out = record_index(a, &p, out);
+  release_plan(&p);
+  return out;
+}
+
 static int check_put(const char *op, ts_tensor *a, ts_tensor *values) {
-  if (check_writable(op, a) || ts_same_device(op, a, values)) return ts_last_status();
+  if (check_in_place(op, a) || ts_same_device(op, a, values)) return ts_last_status();
   if (!can_cast(values->dtype, a->dtype))
     return ts_set_error(TS_ERR_DTYPE, "%s: values of dtype %s can't be cast to the tensor's dtype %s", op,
                         ts_dtype_name(values->dtype), ts_dtype_name(a->dtype));
   return TS_OK;
 }
 
-/* Replacing moves values in a's dtype; accumulating adds in the backend's compute dtype. */
+/* index_put_ computed on a copy of a and recorded: the result a takes over. */
+static ts_tensor *index_put_recorded(const ts_backend *be, ts_tensor *a, int n, ts_tensor *const *indices,
+                                     ts_tensor *values, int accumulate) {
+  index_plan p = {0};
+  int previous = ts_set_grad_enabled(0);
+  ts_tensor *out = ts_clone(a);
+  int st = out ? plan_indices("index_put_", out, n, indices, &p) : ts_last_status();
+  if (!st) st = index_put_planned(be, &p, values, accumulate);
+  ts_set_grad_enabled(previous);
+  ts_node *node = st ? NULL : ts_grad_node("index_put", index_put_backward, 2, (ts_tensor *[]){a, values});
+  if (node) {
+    node->i[P_ACCUMULATE] = accumulate != 0;
+    st = save_plan(node, &p);
+  }
+  release_plan(&p);
+  if (st) {
+    ts_node_release(node);
+    ts_release(out);
+    return NULL;
+  }
+  return ts_node_finish(node, out);
+}
+
 int ts_index_put_(ts_tensor *a, int n, ts_tensor *const *indices, ts_tensor *values, int accumulate) {
   if (!values) return ts_set_error(TS_ERR_ARG, "index_put_: values is NULL");
   if (check_put("index_put_", a, values)) return ts_last_status();
   const ts_backend *be = ts_backend_for(a->device);
   if (!be || TS_BACKEND_FN(be, index_put, "index_put_", a->device)) return ts_last_status();
+  if (ts_any_requires_grad(2, (ts_tensor *[]){a, values}))
+    return ts_rebase_inplace(a, index_put_recorded(be, a, n, indices, values, accumulate));
   index_plan p;
+  int previous = ts_set_grad_enabled(0);
   int st = plan_indices("index_put_", a, n, indices, &p);
-  if (!st) {
-    int dtype = accumulate ? be->compute_dtype(a->dtype) : a->dtype;
-    ts_tensor *work = in_place_target(p.view, dtype);
-    ts_tensor *vals = work ? put_values(&p, values, work, dtype) : NULL;
-    st = vals ? be->index_put(work, p.count, p.idx, vals, accumulate != 0) : ts_last_status();
-    ts_release(vals);
-    if (work) st = finish_in_place(p.view, work, st);
-  }
+  if (!st) st = index_put_planned(be, &p, values, accumulate);
+  ts_set_grad_enabled(previous);
   release_plan(&p);
-  return st;
+  return wrote(a, st);
 }

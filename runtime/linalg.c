@@ -8,7 +8,11 @@
  * reaches the backend as batch stride 0. Batch dims that cannot merge into one strided dim are
  * looped over here, one bmm per outer index. When the right operand has no batch of its own (a
  * linear layer: [..., n, k] @ [k, m]) the batch folds into the rows: one [B*n, k] x [k, m] product
- * is one large BLAS call instead of B small ones. */
+ * is one large BLAS call instead of B small ones.
+ *
+ * Both are differentiable (autograd section at the end): the gradients are products again, and an
+ * operand broadcast over batch dims gets its gradient summed over them inside one product. */
+#include "autograd.h"
 #include "backend.h"
 
 #include <stdio.h>
@@ -147,7 +151,7 @@ static int run_batches(const ts_backend *be, ts_tensor *out, ts_tensor *a, matri
   }
 }
 
-ts_tensor *ts_matmul(ts_tensor *a, ts_tensor *b) {
+static ts_tensor *matmul_forward(ts_tensor *a, ts_tensor *b) {
   if (check_operands("matmul", a, b)) return NULL;
   if (a->ndim == 0 || b->ndim == 0)
     return incompatible("matmul", a, b, ": both operands need at least 1 dim"), (ts_tensor *)NULL;
@@ -175,7 +179,7 @@ ts_tensor *ts_matmul(ts_tensor *a, ts_tensor *b) {
   return out;
 }
 
-ts_tensor *ts_bmm(ts_tensor *a, ts_tensor *b) {
+static ts_tensor *bmm_forward(ts_tensor *a, ts_tensor *b) {
   if (check_operands("bmm", a, b)) return NULL;
   if (a->ndim != 3 || b->ndim != 3)
     return TS_FAIL_NULL(TS_ERR_SHAPE, "bmm: expected 3-D tensors [B,n,k] and [B,k,m], got shapes %s and %s",
@@ -192,3 +196,145 @@ ts_tensor *ts_bmm(ts_tensor *a, ts_tensor *b) {
   }
   return out;
 }
+
+/* ---- autograd -------------------------------------------------------------------------------- */
+/* For out = a @ b: ga = g @ b^T and gb = a^T @ g, with matmul's 1-D operands seen as the row [1,k]
+   and the column [k,1] and g given back the dims matmul dropped. An operand broadcast over batch
+   dims of the result gets the sum of its per-batch gradients there; that sum is folded into the
+   contraction of one product (see contract), so neither the broadcast operand nor a stack of
+   per-batch gradients is ever materialized. */
+enum { SAVED_A = 0, SAVED_B = 1 };
+
+static ts_tensor *keep_matrix_T(ts_scope *s, ts_tensor *t) {
+  return s->failed || !t ? ts_scope_keep(s, NULL) : ts_scope_keep(s, ts_transpose(t, -2, -1));
+}
+
+/* A 1-D operand as a matrix: [1,k] on the left, [k,1] on the right. */
+static ts_tensor *keep_as_matrix(ts_scope *s, ts_tensor *t, int left) {
+  if (s->failed || !t) return ts_scope_keep(s, NULL);
+  if (t->ndim != 1) return ts_scope_keep(s, (ts_retain(t), t));
+  return ts_scope_keep(s, ts_unsqueeze(t, left ? 0 : 1));
+}
+
+/* g with the row dim (1-D a) and the column dim (1-D b) that matmul removed put back. */
+static ts_tensor *keep_grad_as_matrix(ts_scope *s, ts_tensor *g, int a_ndim, int b_ndim) {
+  ts_tensor *r = ts_scope_keep(s, (ts_retain(g), g));
+  if (r && b_ndim == 1) r = ts_scope_keep(s, ts_unsqueeze(r, r->ndim));
+  if (r && a_ndim == 1) r = ts_scope_keep(s, ts_unsqueeze(r, r->ndim - 1));
+  return r;
+}
+
+/* Marks the result's batch dims (nb of `batch`) that an operand of shape e->shape was broadcast
+   over: it has size 1 there or lacks the dim. Returns how many there are. */
+static int broadcast_batch_dims(const ts_edge *e, int nb, const int64_t *batch, int *summed) {
+  int own = e->ndim > 2 ? e->ndim - 2 : 0, count = 0;
+  for (int i = 0; i < nb; i++) {
+    int d = i - (nb - own);
+    summed[i] = batch[i] != 1 && (d < 0 || e->shape[d] == 1);
+    count += summed[i];
+  }
+  return count;
+}
+
+/* sum over the batch dims marked in `summed` of x[i]^T @ y[i], for x [S..., p, q] and y
+   [S..., p, r] (either may be broadcast in S, of nb dims `batch`). The summed dims are moved next
+   to the rows and merged with them: one product of depth |summed| * p, batched over the other dims,
+   does the sum. The result is [S without the summed dims..., q, r], contiguous. */
+static ts_tensor *contract(ts_tensor *x, ts_tensor *y, int nb, const int64_t *batch, const int *summed) {
+  ts_scope s = {0};
+  int order[TS_MAX_DIMS], kept = 0;
+  int64_t xfull[TS_MAX_DIMS], yfull[TS_MAX_DIMS], xs[TS_MAX_DIMS], ys[TS_MAX_DIMS], depth = x->shape[x->ndim - 2];
+  for (int i = 0; i < nb; i++) {
+    xfull[i] = yfull[i] = batch[i];
+    if (!summed[i]) {
+      order[kept] = i;
+      xs[kept] = ys[kept] = batch[i];
+      kept++;
+    }
+  }
+  for (int i = 0, k = kept; i < nb; i++)
+    if (summed[i]) {
+      order[k++] = i;
+      depth *= batch[i];
+    }
+  order[nb] = nb;
+  order[nb + 1] = nb + 1;
+  xfull[nb] = x->shape[x->ndim - 2], xfull[nb + 1] = x->shape[x->ndim - 1];
+  yfull[nb] = y->shape[y->ndim - 2], yfull[nb + 1] = y->shape[y->ndim - 1];
+  xs[kept] = ys[kept] = depth;
+  xs[kept + 1] = xfull[nb + 1];
+  ys[kept + 1] = yfull[nb + 1];
+  ts_tensor *xe = ts_scope_keep(&s, ts_expand(x, nb + 2, xfull));
+  ts_tensor *ye = ts_scope_keep(&s, ts_expand(y, nb + 2, yfull));
+  ts_tensor *xp = xe ? ts_scope_keep(&s, ts_permute(xe, nb + 2, order)) : NULL;
+  ts_tensor *yp = ye ? ts_scope_keep(&s, ts_permute(ye, nb + 2, order)) : NULL;
+  ts_tensor *xm = xp ? ts_scope_keep(&s, ts_reshape(xp, kept + 2, xs)) : NULL;
+  ts_tensor *ym = yp ? ts_scope_keep(&s, ts_reshape(yp, kept + 2, ys)) : NULL;
+  ts_tensor *xt = keep_matrix_T(&s, xm);
+  ts_tensor *r = xt && ym ? ts_matmul(xt, ym) : NULL;
+  if (!r) s.failed = 1;
+  if (ts_scope_close(&s)) {
+    ts_release(r);
+    return NULL;
+  }
+  return r;
+}
+
+/* The gradient x^T @ y of the operand with edge e, summed over the batch dims it was broadcast
+   over and shaped like it. x and y are batched like the result, of batch dims those of g2. */
+static ts_tensor *operand_grad(ts_scope *s, ts_tensor *x, ts_tensor *y, ts_tensor *g2, const ts_edge *e) {
+  if (s->failed || !x || !y) return ts_scope_keep(s, NULL);
+  int summed[TS_MAX_DIMS], nb = g2->ndim - 2;
+  ts_tensor *full;
+  if (broadcast_batch_dims(e, nb, g2->shape, summed)) {
+    full = ts_scope_keep(s, contract(x, y, nb, g2->shape, summed));
+  } else { /* the operand has every batch dim of the result: a plain (broadcasting) product */
+    ts_tensor *xt = keep_matrix_T(s, x);
+    full = xt ? ts_scope_keep(s, ts_matmul(xt, y)) : NULL;
+  }
+  return full ? ts_scope_keep(s, ts_reshape(full, e->ndim, e->shape)) : NULL;
+}
+
+static int matmul_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  const ts_edge *ea = ts_node_input(n, 0), *eb = ts_node_input(n, 1);
+  int need_a = ts_node_needs_grad(n, 0), need_b = ts_node_needs_grad(n, 1);
+  ts_tensor *a = need_b ? ts_node_saved(n, SAVED_A) : NULL, *b = need_a ? ts_node_saved(n, SAVED_B) : NULL;
+  if ((need_b && !a) || (need_a && !b)) return ts_last_status();
+  ts_scope s = {0};
+  ts_tensor *g2 = keep_grad_as_matrix(&s, g, ea->ndim, eb->ndim), *ga = NULL, *gb = NULL;
+  if (need_a) /* g @ b^T = (g^T)^T @ b^T */
+    ga = operand_grad(&s, keep_matrix_T(&s, g2), keep_matrix_T(&s, keep_as_matrix(&s, b, 0)), g2, ea);
+  if (need_b) gb = operand_grad(&s, keep_as_matrix(&s, a, 1), g2, g2, eb);
+  if (!s.failed && (ts_set_input_grad(n, 0, ga, grads) || ts_set_input_grad(n, 1, gb, grads))) s.failed = 1;
+  return ts_scope_close(&s);
+}
+
+static int bmm_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  int need_a = ts_node_needs_grad(n, 0), need_b = ts_node_needs_grad(n, 1);
+  ts_tensor *a = need_b ? ts_node_saved(n, SAVED_A) : NULL, *b = need_a ? ts_node_saved(n, SAVED_B) : NULL;
+  if ((need_b && !a) || (need_a && !b)) return ts_last_status();
+  ts_scope s = {0};
+  ts_tensor *ga = need_a ? ts_scope_keep(&s, ts_bmm(g, keep_matrix_T(&s, b))) : NULL;
+  ts_tensor *gb = need_b ? ts_scope_keep(&s, ts_bmm(keep_matrix_T(&s, a), g)) : NULL;
+  if (!s.failed && (ts_set_input_grad(n, 0, ga, grads) || ts_set_input_grad(n, 1, gb, grads))) s.failed = 1;
+  return ts_scope_close(&s);
+}
+
+/* Records out = a @ b; each operand's gradient needs only the other operand, so only those the
+   backward will read are saved. */
+static ts_tensor *record_product(const char *name, ts_backward_fn backward, ts_tensor *a, ts_tensor *b, ts_tensor *out) {
+  if (!out) return NULL;
+  ts_tensor *inputs[2] = {a, b};
+  ts_node *n = ts_grad_node(name, backward, 2, inputs);
+  if (!n) return out;
+  if (ts_node_save(n, ts_node_needs_grad(n, 1) ? a : NULL) || ts_node_save(n, ts_node_needs_grad(n, 0) ? b : NULL)) {
+    ts_node_release(n);
+    ts_release(out);
+    return NULL;
+  }
+  return ts_node_finish(n, out);
+}
+
+ts_tensor *ts_matmul(ts_tensor *a, ts_tensor *b) { return record_product("matmul", matmul_backward, a, b, matmul_forward(a, b)); }
+
+ts_tensor *ts_bmm(ts_tensor *a, ts_tensor *b) { return record_product("bmm", bmm_backward, a, b, bmm_forward(a, b)); }

@@ -4,7 +4,11 @@
  * converts the values to the backend's compute dtype (an exact widening, so the order is kept),
  * and moves the results back into contiguous tensors of the input's dtype and int64 indices.
  * NaN ranks above every number, as in PyTorch; the sort is always stable, so `stable` only
- * documents the caller's intent. */
+ * documents the caller's intent.
+ *
+ * The values are differentiable (the indices are not): each element's gradient goes back to the
+ * position its index names, as PyTorch's sort and topk. */
+#include "autograd.h"
 #include "backend.h"
 
 typedef int (*row_kernel)(const ts_backend *be, ts_tensor *values, ts_tensor *indices, const ts_tensor *rows,
@@ -76,6 +80,42 @@ static int check_outputs(const char *op, ts_tensor **values, ts_tensor **indices
   return TS_OK;
 }
 
+/* ---- autograd -------------------------------------------------------------------------------- */
+/* g scattered into zeros at the indices along dim n->i[0]; the indices of one row are distinct. */
+static int values_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  ts_tensor *indices = ts_node_saved(n, 0);
+  if (!indices) return ts_last_status();
+  const ts_edge *e = ts_node_input(n, 0);
+  if (e->ndim == 0) return ts_set_input_grad(n, 0, g, grads); /* its one element, unmoved */
+  ts_tensor *gx = ts_full(e->ndim, e->shape, 0, g->dtype, g->device);
+  int st = gx ? ts_scatter_(gx, (int)n->i[0], indices, g, TS_SCATTER_REPLACE) : ts_last_status();
+  if (!st) st = ts_set_input_grad(n, 0, gx, grads);
+  ts_release(gx);
+  return st;
+}
+
+/* Runs the rows with grad mode off, then records one node on the values. */
+static int run_rows_recorded(const char *name, ts_tensor *a, int dim, int64_t out_len, row_kernel kernel,
+                             const void *args, ts_tensor **values, ts_tensor **indices) {
+  int previous = ts_set_grad_enabled(0);
+  int st = run_rows(a, dim, out_len, kernel, args, values, indices);
+  ts_set_grad_enabled(previous);
+  if (st) return st;
+  ts_node *n = ts_grad_node(name, values_backward, 1, &a);
+  if (!n) return TS_OK;
+  n->i[0] = dim;
+  if (ts_node_save(n, *indices)) {
+    ts_node_release(n);
+    ts_release(*values);
+    ts_release(*indices);
+    *values = *indices = NULL;
+    return ts_last_status();
+  }
+  ts_node_finish(n, *values);
+  return TS_OK;
+}
+
+/* ---- sort and topk --------------------------------------------------------------------------- */
 typedef struct { int descending, stable; } sort_args;
 static int call_sort(const ts_backend *be, ts_tensor *values, ts_tensor *indices, const ts_tensor *rows,
                      const void *p) {
@@ -90,7 +130,7 @@ int ts_sort(ts_tensor *a, int dim, int descending, int stable, ts_tensor **value
   if (!be || TS_BACKEND_FN(be, sort, "sort", a->device)) return ts_last_status();
   int64_t n = a->ndim ? a->shape[d] : 1;
   sort_args args = {descending != 0, stable != 0};
-  return run_rows(a, d, n, call_sort, &args, values, indices);
+  return run_rows_recorded("sort", a, d, n, call_sort, &args, values, indices);
 }
 
 typedef struct { int64_t k; int largest, sorted; } topk_args;
@@ -110,5 +150,5 @@ int ts_topk(ts_tensor *a, int64_t k, int dim, int largest, int sorted, ts_tensor
   const ts_backend *be = ts_backend_for(a->device);
   if (!be || TS_BACKEND_FN(be, topk, "topk", a->device)) return ts_last_status();
   topk_args args = {k, largest != 0, sorted != 0};
-  return run_rows(a, d, k, call_topk, &args, values, indices);
+  return run_rows_recorded("topk", a, d, k, call_topk, &args, values, indices);
 }

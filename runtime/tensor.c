@@ -7,7 +7,7 @@
 
 /* ---- memory statistics: one slot for the host, one per CUDA device --------------------------- */
 enum { MAX_CUDA_DEVICES = 16 };
-typedef struct { int64_t live, peak, reserved, count; } mem_counters;
+typedef struct { int64_t live, peak, count; } mem_counters;
 static mem_counters host_stats, cuda_stats[MAX_CUDA_DEVICES];
 static int64_t host_allocated_total;
 
@@ -22,10 +22,7 @@ void ts_stats_on_alloc(ts_device dev, int64_t bytes) {
   if (!s) return;
   int64_t live = __atomic_add_fetch(&s->live, bytes, __ATOMIC_RELAXED);
   __atomic_add_fetch(&s->count, 1, __ATOMIC_RELAXED);
-  if (dev.type == TS_CPU) {
-    __atomic_add_fetch(&s->reserved, bytes, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&host_allocated_total, bytes, __ATOMIC_RELAXED);
-  }
+  if (dev.type == TS_CPU) __atomic_add_fetch(&host_allocated_total, bytes, __ATOMIC_RELAXED);
   int64_t peak = __atomic_load_n(&s->peak, __ATOMIC_RELAXED);
   while (live > peak && !__atomic_compare_exchange_n(&s->peak, &peak, live, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
@@ -35,13 +32,6 @@ void ts_stats_on_free(ts_device dev, int64_t bytes) {
   mem_counters *s = stats_for(dev);
   if (!s) return;
   __atomic_sub_fetch(&s->live, bytes, __ATOMIC_RELAXED);
-  if (dev.type == TS_CPU) __atomic_sub_fetch(&s->reserved, bytes, __ATOMIC_RELAXED);
-}
-
-/* Device allocators with a cache report their reserved bytes through this. */
-void ts_stats_set_reserved(ts_device dev, int64_t bytes) {
-  mem_counters *s = stats_for(dev);
-  if (s) __atomic_store_n(&s->reserved, bytes, __ATOMIC_RELAXED);
 }
 
 int ts_memory_stats_get(ts_device dev, ts_memory_stats *out) {
@@ -49,8 +39,11 @@ int ts_memory_stats_get(ts_device dev, ts_memory_stats *out) {
   if (!s || !out) return ts_set_error(TS_ERR_DEVICE, "memory_stats: no such device %s", ts_device_str(dev));
   out->live_bytes = __atomic_load_n(&s->live, __ATOMIC_RELAXED);
   out->peak_bytes = __atomic_load_n(&s->peak, __ATOMIC_RELAXED);
-  out->reserved_bytes = __atomic_load_n(&s->reserved, __ATOMIC_RELAXED);
   out->num_allocs = __atomic_load_n(&s->count, __ATOMIC_RELAXED);
+  /* a device that never allocated has nothing cached, and asking its backend would start it */
+  const ts_backend *be = dev.type == TS_CPU || out->num_allocs ? ts_backend_for(dev) : NULL;
+  int64_t cached = be && be->cached_bytes ? be->cached_bytes(dev.index) : 0;
+  out->reserved_bytes = out->live_bytes + cached;
   return TS_OK;
 }
 
@@ -192,6 +185,7 @@ int64_t ts_storage_refcount(const ts_tensor *t) { return __atomic_load_n(&t->sto
 int ts_shares_storage(const ts_tensor *a, const ts_tensor *b) { return a->storage == b->storage; }
 
 int ts_is_contiguous(const ts_tensor *t) {
+  if (ts_numel(t) == 0) return 1; /* no element to lay out, as PyTorch */
   int64_t expected = 1;
   for (int d = t->ndim - 1; d >= 0; d--) {
     if (t->shape[d] == 1) continue;
@@ -234,5 +228,12 @@ int ts_broadcast_shapes(const char *op, const ts_tensor *a, const ts_tensor *b, 
     shape[i] = sa == 1 ? sb : sa;
   }
   *ndim = n;
+  return TS_OK;
+}
+
+int ts_memory_empty_cache(ts_device dev) {
+  const ts_backend *be = ts_backend_for(dev);
+  if (!be) return ts_last_status();
+  if (be->empty_cache) be->empty_cache(dev.index);
   return TS_OK;
 }

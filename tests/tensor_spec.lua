@@ -366,6 +366,22 @@ describe('memory and lifetime', function()
     t:free() -- a second free is harmless
   end)
 
+  it('caches large host blocks for reuse until empty_cache()', function()
+    T.empty_cache()
+    local t = T.empty(16 * 1024 * 1024)
+    local live = T.memory_stats().live
+    t:free()
+    local s = T.memory_stats()
+    assert.equal(live - 64 * 1024 * 1024, s.live)
+    assert.is_true(s.reserved >= s.live + 64 * 1024 * 1024)
+    local again = T.empty(16 * 1024 * 1024) -- served from the cache
+    assert.equal(s.reserved, T.memory_stats().reserved)
+    again:free()
+    T.empty_cache()
+    s = T.memory_stats()
+    assert.equal(s.live, s.reserved)
+  end)
+
   it('views keep their storage alive after the base is freed', function()
     local a = T.arange(6):view(2, 3)
     local v = a[1]

@@ -2,24 +2,85 @@
 #include "cpu.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
+/* ---- host memory -------------------------------------------------------------------------------
+ * Large blocks are kept after free and handed out again for the same rounded size. A fresh large
+ * malloc is new pages from the kernel, which must fault and zero them: an elementwise op on 64 MB
+ * spent most of its time there. The cache holds at most `limit` bytes (oldest blocks go first) and
+ * T.empty_cache() returns it all. */
+enum { CACHE_MIN_BYTES = 1 << 20, CACHE_GRAIN = 1 << 21, CACHE_SLOTS = 64 };
+
+static struct {
+  pthread_mutex_t lock;
+  struct { void *ptr; size_t bytes; } slot[CACHE_SLOTS]; /* oldest first */
+  int count;
+  size_t bytes, limit;
+} host_cache = {.lock = PTHREAD_MUTEX_INITIALIZER, .limit = (size_t)1 << 29};
+
+/* 64-byte alignment: whole cache lines and aligned vector loads. */
+static size_t host_rounded(size_t nbytes) {
+  if (nbytes < CACHE_MIN_BYTES) return (nbytes + 63) & ~(size_t)63;
+  return (nbytes + CACHE_GRAIN - 1) & ~(size_t)(CACHE_GRAIN - 1);
+}
+
+static void drop_oldest(void) {
+  free(host_cache.slot[0].ptr);
+  host_cache.bytes -= host_cache.slot[0].bytes;
+  memmove(host_cache.slot, host_cache.slot + 1, (size_t)(--host_cache.count) * sizeof host_cache.slot[0]);
+}
+
 void *cpu_alloc(size_t nbytes, int device_index) {
   (void)device_index;
-  /* 64-byte alignment: whole cache lines and aligned AVX-512 loads */
-  size_t rounded = (nbytes + 63) & ~(size_t)63;
-  return aligned_alloc(64, rounded);
+  size_t bytes = host_rounded(nbytes);
+  if (bytes >= CACHE_MIN_BYTES) {
+    pthread_mutex_lock(&host_cache.lock);
+    for (int k = host_cache.count - 1; k >= 0; k--) {
+      if (host_cache.slot[k].bytes != bytes) continue;
+      void *ptr = host_cache.slot[k].ptr;
+      host_cache.bytes -= bytes;
+      memmove(host_cache.slot + k, host_cache.slot + k + 1, (size_t)(--host_cache.count - k) * sizeof host_cache.slot[0]);
+      pthread_mutex_unlock(&host_cache.lock);
+      return ptr;
+    }
+    pthread_mutex_unlock(&host_cache.lock);
+  }
+  return aligned_alloc(64, bytes);
 }
 
 void cpu_free(void *ptr, size_t nbytes, int device_index) {
-  (void)nbytes;
   (void)device_index;
-  free(ptr);
+  size_t bytes = host_rounded(nbytes);
+  if (bytes < CACHE_MIN_BYTES || bytes > host_cache.limit) {
+    free(ptr);
+    return;
+  }
+  pthread_mutex_lock(&host_cache.lock);
+  while (host_cache.count && (host_cache.count == CACHE_SLOTS || host_cache.bytes + bytes > host_cache.limit)) drop_oldest();
+  host_cache.slot[host_cache.count].ptr = ptr;
+  host_cache.slot[host_cache.count++].bytes = bytes;
+  host_cache.bytes += bytes;
+  pthread_mutex_unlock(&host_cache.lock);
 }
 
-/* Float to integer without undefined behaviour: NaN becomes 0, out-of-range values saturate. */
-static int64_t saturate_i64(double v) {
+int64_t cpu_cached_bytes(int device_index) {
+  (void)device_index;
+  pthread_mutex_lock(&host_cache.lock);
+  int64_t bytes = (int64_t)host_cache.bytes;
+  pthread_mutex_unlock(&host_cache.lock);
+  return bytes;
+}
+
+void cpu_empty_cache(int device_index) {
+  (void)device_index;
+  pthread_mutex_lock(&host_cache.lock);
+  while (host_cache.count) drop_oldest();
+  pthread_mutex_unlock(&host_cache.lock);
+}
+
+int64_t cpu_saturate_i64(double v) {
   if (v != v) return 0;
   if (v >= 9223372036854775807.0) return INT64_MAX;
   if (v <= -9223372036854775808.0) return INT64_MIN;
@@ -45,9 +106,9 @@ void cpu_store_f64(int dtype, char *p, double v) {
   case TS_F64: *(double *)p = v; break;
   case TS_F16: *(uint16_t *)p = ts_float_to_half((float)v); break;
   case TS_BF16: *(uint16_t *)p = ts_float_to_bf16((float)v); break;
-  case TS_I64: *(int64_t *)p = saturate_i64(v); break;
-  case TS_I32: *(int32_t *)p = (int32_t)saturate_i64(v); break; /* wraps like a C cast of int64 */
-  case TS_U8: *(uint8_t *)p = (uint8_t)saturate_i64(v); break;
+  case TS_I64: *(int64_t *)p = cpu_saturate_i64(v); break;
+  case TS_I32: *(int32_t *)p = (int32_t)cpu_saturate_i64(v); break; /* wraps like a C cast of int64 */
+  case TS_U8: *(uint8_t *)p = (uint8_t)cpu_saturate_i64(v); break;
   default: *(uint8_t *)p = v != 0; break;
   }
 }
@@ -58,7 +119,7 @@ int64_t cpu_load_i64(int dtype, const char *p) {
   case TS_I32: return *(const int32_t *)p;
   case TS_U8: return *(const uint8_t *)p;
   case TS_BOOL: return *(const uint8_t *)p != 0;
-  default: return saturate_i64(cpu_load_f64(dtype, p));
+  default: return cpu_saturate_i64(cpu_load_f64(dtype, p));
   }
 }
 

@@ -23,10 +23,14 @@ double cpu_load_f64(int dtype, const char *p);
 void cpu_store_f64(int dtype, char *p, double v);
 int64_t cpu_load_i64(int dtype, const char *p);
 void cpu_store_i64(int dtype, char *p, int64_t v);
+/* Float to int64 without undefined behaviour: NaN becomes 0, out-of-range values saturate. */
+int64_t cpu_saturate_i64(double v);
 
 /* copy.c */
 void *cpu_alloc(size_t nbytes, int device_index);
 void cpu_free(void *ptr, size_t nbytes, int device_index);
+int64_t cpu_cached_bytes(int device_index);
+void cpu_empty_cache(int device_index);
 int cpu_copy(ts_tensor *dst, const ts_tensor *src);
 int cpu_fill(ts_tensor *dst, double value);
 int cpu_arange(ts_tensor *out, double start, double step);
@@ -63,9 +67,79 @@ int cpu_topk(ts_tensor *values, ts_tensor *indices, const ts_tensor *a, int64_t 
 /* random.c */
 int cpu_random(ts_tensor *out, int kind, double a, double b, uint64_t seed, uint64_t offset);
 
+/* masks.c (@masks) */
+int cpu_uniform_compact(ts_tensor *out, const ts_tensor *x, const ts_tensor *kept, int64_t patch_tokens);
+int cpu_uniform_compact_backward(ts_tensor *gx, const ts_tensor *g, const ts_tensor *kept, int64_t patch_tokens);
+
 /* @nn-linear-norm-softmax-loss (declarations below this line) */
+/* nn.c */
+int cpu_linear(ts_tensor *out, const ts_tensor *x, const ts_tensor *w, const ts_tensor *b);
+int cpu_linear_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_tensor *g, const ts_tensor *x,
+                        const ts_tensor *w);
+int cpu_softmax(ts_tensor *out, const ts_tensor *x, int log);
+int cpu_softmax_backward(ts_tensor *gx, const ts_tensor *g, const ts_tensor *y, int log);
+int cpu_masked_scale(ts_tensor *out, const ts_tensor *x, const ts_tensor *mask, double scale);
+/* Splits `rows` rows of `cols` elements into a number of chunks that depends on the sizes only, so
+   that partial sums combined in chunk order give the same result whatever the thread count. */
+int64_t cpu_row_chunks(int64_t rows, int64_t cols);
+/* norm.c */
+int cpu_layer_norm(ts_tensor *out, ts_tensor *mean, ts_tensor *rstd, const ts_tensor *x, const ts_tensor *w,
+                   const ts_tensor *b, double eps);
+int cpu_layer_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_tensor *g, const ts_tensor *x,
+                            const ts_tensor *w, const ts_tensor *mean, const ts_tensor *rstd);
+int cpu_batch_norm_stats(ts_tensor *mean, ts_tensor *var, const ts_tensor *x);
+int cpu_batch_norm_apply(ts_tensor *out, const ts_tensor *x, const ts_tensor *mean, const ts_tensor *rstd,
+                         const ts_tensor *w, const ts_tensor *b);
+int cpu_batch_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_tensor *g, const ts_tensor *x,
+                            const ts_tensor *w, const ts_tensor *mean, const ts_tensor *rstd, int training);
+int cpu_group_norm(ts_tensor *out, ts_tensor *mean, ts_tensor *rstd, const ts_tensor *x, const ts_tensor *w,
+                   const ts_tensor *b, double eps);
+int cpu_group_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_tensor *g, const ts_tensor *x,
+                            const ts_tensor *w, const ts_tensor *mean, const ts_tensor *rstd);
+/* loss.c */
+int cpu_cross_entropy(ts_tensor *loss, ts_tensor *lse, ts_tensor *tw, const ts_tensor *logits, const ts_tensor *target,
+                      const ts_tensor *weight, int64_t ignore_index, double smoothing);
+int cpu_cross_entropy_backward(ts_tensor *glogits, ts_tensor *gtarget, const ts_tensor *g, const ts_tensor *logits,
+                               const ts_tensor *lse, const ts_tensor *target, const ts_tensor *weight,
+                               int64_t ignore_index, double smoothing);
+int cpu_pointwise_loss(int kind, ts_tensor *out, const ts_tensor *a, const ts_tensor *b, double beta);
+int cpu_pointwise_loss_backward(int kind, ts_tensor *ga, const ts_tensor *g, const ts_tensor *a, const ts_tensor *b,
+                                double beta, double scale);
+
 /* @nn-spatial (declarations below this line) */
+/* conv.c, pool.c, resample.c */
+int cpu_conv2d(ts_tensor *out, const ts_tensor *x, const ts_tensor *w, const ts_tensor *b, const int64_t stride[2],
+               const int64_t padding[2], const int64_t dilation[2], int64_t groups);
+int cpu_conv2d_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_tensor *g, const ts_tensor *x,
+                        const ts_tensor *w, const int64_t stride[2], const int64_t padding[2],
+                        const int64_t dilation[2], int64_t groups);
+int cpu_avg_pool2d(ts_tensor *out, const ts_tensor *x, const int64_t kernel[2], const int64_t stride[2],
+                   const int64_t padding[2], int count_include_pad);
+int cpu_avg_pool2d_backward(ts_tensor *gx, const ts_tensor *g, const int64_t kernel[2], const int64_t stride[2],
+                            const int64_t padding[2], int count_include_pad);
+int cpu_max_pool2d(ts_tensor *out, ts_tensor *indices, const ts_tensor *x, const int64_t kernel[2],
+                   const int64_t stride[2], const int64_t padding[2], const int64_t dilation[2]);
+int cpu_max_pool2d_backward(ts_tensor *gx, const ts_tensor *g, const ts_tensor *indices);
+int cpu_adaptive_avg_pool2d(ts_tensor *out, const ts_tensor *x);
+int cpu_adaptive_avg_pool2d_backward(ts_tensor *gx, const ts_tensor *g);
+int cpu_interpolate(ts_tensor *out, const ts_tensor *x, int mode, int align_corners, const double scale[2]);
+int cpu_interpolate_backward(ts_tensor *gx, const ts_tensor *g, int mode, int align_corners, const double scale[2]);
 /* @nn-attention (declarations below this line) */
+/* attention.c */
+int cpu_attention(ts_tensor *out, ts_tensor *lse, const ts_tensor *q, const ts_tensor *k, const ts_tensor *v,
+                  const ts_tensor *bias, double scale);
+int cpu_attention_backward(ts_tensor *dq, ts_tensor *dk, ts_tensor *dv, ts_tensor *dbias, const ts_tensor *dout,
+                           const ts_tensor *q, const ts_tensor *k, const ts_tensor *v, const ts_tensor *bias,
+                           const ts_tensor *out, const ts_tensor *lse, double scale);
 /* @optim (declarations below this line) */
+/* optim.c */
+int cpu_adamw(int n, ts_tensor *const *params, ts_tensor *const *grads, ts_tensor *const *exp_avg,
+              ts_tensor *const *exp_avg_sq, const double *lr, const double *weight_decay, double beta1, double beta2,
+              double eps, const int64_t *step);
+int cpu_sgd(int n, ts_tensor *const *params, ts_tensor *const *grads, ts_tensor *const *momentum_buffers,
+            const double *lr, const double *weight_decay, double momentum, double dampening, int nesterov,
+            const int *first_step);
+int cpu_multi_norm(int n, ts_tensor *const *tensors, double p, double *out);
+int cpu_multi_scale(int n, ts_tensor *const *tensors, double factor);
 
 #endif

@@ -1,6 +1,8 @@
 -- tessera.indexing — joining and splitting (cat, stack, split, chunk), indexing by tensors
 -- (index_select, gather, scatter, masks, index_put_, t[{...}] with tensor entries) and sorting
 -- (sort, argsort, topk). Dims and indices are 0-based and may be negative, as in PyTorch.
+-- Gradients flow as in PyTorch to every floating input (never to indices or masks), through the
+-- in-place forms too (scatter_, masked_fill_, index_put_, t[idx] = v) on tensors that are not leaves.
 local core = require 'tessera.core'
 local ffi, C, T, Tensor = core.ffi, core.C, core.T, core.Tensor
 local wrap, handle, check = core.wrap, core.handle, core.check

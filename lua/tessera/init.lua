@@ -10,6 +10,13 @@ require 'tessera.linalg'
 require 'tessera.indexing'
 require 'tessera.reduce'
 -- @modules (requires below this line)
+require 'tessera.image'
+require 'tessera.masks'
+require 'tessera.serialize'
+require 'tessera.functional'
+require 'tessera.spatial'
+require 'tessera.optim'
+require 'tessera.attention'
 require 'tessera.nn'
 core.finish_metatype()
 return core.T

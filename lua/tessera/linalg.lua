@@ -1,5 +1,7 @@
 -- tessera.linalg — matrix products: matmul (NumPy/PyTorch rules, broadcast batches), mm, bmm,
 -- mv and dot. Operands are float32 or float64 tensors of one dtype; any strides are accepted.
+-- All are differentiable (grad_fn 'matmul' or 'bmm'); an operand broadcast over batch dims gets
+-- its gradient summed over them.
 local core = require 'tessera.core'
 local C, T, Tensor = core.C, core.T, core.Tensor
 local wrap, handle = core.wrap, core.handle

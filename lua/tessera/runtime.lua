@@ -17,6 +17,8 @@ function T.memory_stats(device)
            reserved = tonumber(s.reserved_bytes), allocs = tonumber(s.num_allocs) }
 end
 function T.reset_peak_memory(device) C.ts_memory_reset_peak(core.device(device, 'reset_peak_memory')) end
+-- Gives the allocator's cached blocks back to the system.
+function T.empty_cache(device) core.check(C.ts_memory_empty_cache(core.device(device, 'empty_cache'))) end
 
 T.cuda = {}
 function T.cuda.is_compiled() return C.ts_cuda_compiled() ~= 0 end
@@ -24,5 +26,6 @@ function T.cuda.device_count() return C.ts_cuda_device_count() end
 function T.cuda.is_available() return C.ts_cuda_device_count() > 0 end
 function T.cuda.synchronize(index) core.check(C.ts_cuda_synchronize(index or 0)) end
 function T.cuda.memory_stats(index) return T.memory_stats('cuda:' .. (index or 0)) end
+function T.cuda.empty_cache(index) T.empty_cache('cuda:' .. (index or 0)) end
 
 return T

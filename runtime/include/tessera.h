@@ -211,6 +211,8 @@ typedef struct ts_memory_stats {
 } ts_memory_stats;
 int ts_memory_stats_get(ts_device dev, ts_memory_stats *out);
 void ts_memory_reset_peak(ts_device dev);
+/* Returns the allocator's cached blocks to the system (reserved_bytes drops to live_bytes). */
+int ts_memory_empty_cache(ts_device dev);
 /* Bytes allocated on the host since start; the Lua binding steps its GC by the growth of this. */
 int64_t ts_host_bytes_allocated_total(void);
 
@@ -232,9 +234,190 @@ int ts_backward(ts_tensor *root, ts_tensor *grad, int retain_graph);
 /* ---- neural-network ops: forward in C, backward recorded on the tape ----------------------------- */
 /* Layout conventions as PyTorch: images are [N, C, H, W]; linear weights [out, in]. */
 /* @nn-linear-norm-softmax-loss (declarations below this line) */
+/* How a loss combines its per-element values: as PyTorch's reduction='none' | 'mean' | 'sum'. */
+typedef enum ts_reduction { TS_REDUCTION_NONE = 0, TS_REDUCTION_MEAN, TS_REDUCTION_SUM } ts_reduction;
+/* y = x @ w^T + b: x [..., in], w [out, in], b [out] or NULL; one dtype (float). */
+ts_tensor *ts_linear(ts_tensor *x, ts_tensor *w, ts_tensor *b);
+/* Normalizes over the last nnorm dims of x; w and b have those dims' shape, or are NULL. */
+ts_tensor *ts_layer_norm(ts_tensor *x, int nnorm, ts_tensor *w, ts_tensor *b, double eps);
+/* x [N, C, ...]; w, b, running_mean, running_var [C] or NULL. Training normalizes with the batch
+   statistics and, when running stats are given, updates them in place:
+   running = (1 - momentum) running + momentum batch (the variance unbiased). Evaluation (training
+   = 0) normalizes with the running statistics, which it then requires. */
+ts_tensor *ts_batch_norm(ts_tensor *x, ts_tensor *running_mean, ts_tensor *running_var, ts_tensor *w, ts_tensor *b,
+                         int training, double momentum, double eps);
+/* x [N, C, ...] normalized per sample over each of `groups` channel groups; w, b [C] or NULL. */
+ts_tensor *ts_group_norm(ts_tensor *x, int64_t groups, ts_tensor *w, ts_tensor *b, double eps);
+ts_tensor *ts_softmax(ts_tensor *x, int dim);
+ts_tensor *ts_log_softmax(ts_tensor *x, int dim);
+/* Inverted dropout: zeroes elements with probability p and scales the rest by 1/(1-p), drawing the
+   keep mask as ts_bernoulli_(mask, 1 - p, g) does. p = 0 or training = 0 return x itself (a new
+   reference). g = NULL uses the default generator. */
+ts_tensor *ts_dropout(ts_tensor *x, double p, int training, ts_generator *g);
+/* Stochastic depth (timm's drop_path): whole samples (dim 0) are dropped with probability p; the
+   kept ones are scaled by 1/(1-p) when scale_by_keep. p = 0 or training = 0 return x itself. */
+ts_tensor *ts_drop_path(ts_tensor *x, double p, int training, int scale_by_keep, ts_generator *g);
+/* logits [N, C, d1, ...] or [N, C] or [C]. target: int64 class indices [N, d1, ...] (entries equal
+   to ignore_index contribute nothing; 'mean' divides by the total weight of the others), or
+   floating class probabilities of the logits' shape. weight [C] or NULL. label_smoothing in [0, 1]
+   mixes the target with the uniform distribution, as PyTorch. */
+ts_tensor *ts_cross_entropy(ts_tensor *logits, ts_tensor *target, ts_tensor *weight, int64_t ignore_index,
+                            double label_smoothing, int reduction);
+/* Elementwise losses of a against b (broadcast): (a-b)^2, |a-b|, and Huber-like smooth L1 with
+   threshold beta (0.5 d^2 / beta where |d| < beta, else |d| - 0.5 beta). */
+ts_tensor *ts_mse_loss(ts_tensor *a, ts_tensor *b, int reduction);
+ts_tensor *ts_l1_loss(ts_tensor *a, ts_tensor *b, int reduction);
+ts_tensor *ts_smooth_l1_loss(ts_tensor *a, ts_tensor *b, double beta, int reduction);
+
 /* @nn-spatial (declarations below this line) */
+/* conv2d as torch.nn.functional.conv2d: x [N, C, H, W] (or unbatched [C, H, W]), w [O, C/groups,
+   kh, kw], b [O] or NULL; out [N, O, OH, OW], OH = (H + 2 pad_h - dil_h (kh - 1) - 1) / stride_h + 1. */
+ts_tensor *ts_conv2d(ts_tensor *x, ts_tensor *w, ts_tensor *b, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+                     int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups);
+/* Pooling over [N, C, H, W] or [C, H, W] as torch: zero padding of at most half the (dilated)
+   kernel; ceil_mode rounds the output size up but drops a last window starting in the padding. */
+ts_tensor *ts_avg_pool2d(ts_tensor *x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                         int ceil_mode, int count_include_pad);
+ts_tensor *ts_max_pool2d(ts_tensor *x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                         int64_t dh, int64_t dw, int ceil_mode);
+/* Output cell (i, j) averages rows [floor(i H / out_h), ceil((i + 1) H / out_h)), columns likewise. */
+ts_tensor *ts_adaptive_avg_pool2d(ts_tensor *x, int64_t out_h, int64_t out_w);
+/* Resizes [N, C, H, W] to [N, C, out_h, out_w] with F.interpolate's source coordinates. scale_h and
+   scale_w > 0 are the caller's scale factors, which torch uses (as 1/scale) in place of in/out
+   to map output to input coordinates; pass 0 to map with in/out (F.interpolate given a size).
+   align_corners applies to bilinear only (0 for nearest). */
+typedef enum ts_interp_mode { TS_INTERP_NEAREST = 0, TS_INTERP_BILINEAR } ts_interp_mode;
+ts_tensor *ts_interpolate(ts_tensor *x, int64_t out_h, int64_t out_w, int mode, int align_corners, double scale_h,
+                          double scale_w);
+/* Constant padding in F.pad order: (pad[0], pad[1]) before and after the last dim, (pad[2], pad[3])
+   the dim before, ...; npad even and at most 2 ndim; negative amounts crop. Any dtype. */
+ts_tensor *ts_pad(ts_tensor *x, int npad, const int64_t *pad, double value);
+/* torch.roll: element i along dims[k] moves to (i + shifts[k]) mod size. dims = NULL rolls the
+   flattened tensor by shifts[0] (nshifts 1) and keeps the shape. Any dtype. */
+ts_tensor *ts_roll(ts_tensor *x, int nshifts, const int64_t *shifts, const int *dims);
+/* [*, C r^2, H, W] <-> [*, C, H r, W r]: output (c, h r + i, w r + j) is input (c r^2 + i r + j, h, w). */
+ts_tensor *ts_pixel_shuffle(ts_tensor *x, int64_t r);
+ts_tensor *ts_pixel_unshuffle(ts_tensor *x, int64_t r);
 /* @nn-attention (declarations below this line) */
+/* Scaled dot-product attention, as PyTorch's scaled_dot_product_attention with a float mask:
+   out = softmax(q kᵀ · scale + bias) v for q [..., Nq, D], k [..., Nk, D], v [..., Nk, Dv] of one
+   floating dtype; the leading (batch) dims of q, k, v broadcast; out is [..., Nq, Dv] in that dtype.
+   scale: NaN means 1/sqrt(D). bias: NULL or a floating tensor broadcastable to the scores
+   [..., Nq, Nk], added before the softmax (-inf or a large negative value masks a key; a row masked
+   entirely gives zeros, not NaN). Beyond broadcasting, a bias dim of size b against a merged scores
+   dim of size m·b repeats over the outer factor, as if that dim were reshaped to [m, b]: scores
+   [B·nW, H, N, N] take a Swin window mask [nW, 1, N, N], and [B·H, N, N] a per-head bias [H, N, N].
+   One autograd node; q, k, v and bias (reduced over its broadcast dims) get gradients. */
+ts_tensor *ts_attention(ts_tensor *q, ts_tensor *k, ts_tensor *v, ts_tensor *bias, double scale);
 /* @optim (declarations below this line) */
+/* ---- optimizers: fused multi-tensor updates, as torch.optim ------------------------------------ */
+/* One call updates every tensor of one or more parameter groups. Entry k of each array belongs to
+   parameter k; a NULL grads[k] skips parameter k (its state may then be NULL too). Parameters are
+   floating leaves, updated in place under no-grad semantics (no autograd error for requires_grad
+   leaves; their versions are bumped). grads[k] has the parameter's shape, dtype and device;
+   optimizer state tensors have its shape and are float64 for float64 parameters, float32
+   otherwise (float16/bfloat16 parameters update in float32 and are rounded back once per step).
+   Any strides are accepted. */
+
+/* AdamW (Loshchilov & Hutter), PyTorch's semantics: with lr = lr[k], wd = weight_decay[k],
+   t = step[k] (this update's count, 1 on the first):
+     p -= lr*wd*p;  m = beta1*m + (1-beta1)*g;  v = beta2*v + (1-beta2)*g*g;
+     p -= lr/(1 - beta1^t) * m / (sqrt(v)/sqrt(1 - beta2^t) + eps). */
+int ts_adamw_step(int n, ts_tensor *const *params, ts_tensor *const *grads, ts_tensor *const *exp_avg,
+                  ts_tensor *const *exp_avg_sq, const double *lr, const double *weight_decay, double beta1,
+                  double beta2, double eps, const int64_t *step);
+/* torch.optim.SGD: d = g + wd*p; with momentum != 0, buf = d where first_step[k] != 0 (the buffer's
+   old contents are ignored), else buf = momentum*buf + (1-dampening)*d, and d = buf (or
+   d + momentum*buf with nesterov); then p -= lr*d. momentum_buffers and first_step may be NULL
+   when momentum is 0. */
+int ts_sgd_step(int n, ts_tensor *const *params, ts_tensor *const *grads, ts_tensor *const *momentum_buffers,
+                const double *lr, const double *weight_decay, double momentum, double dampening, int nesterov,
+                const int *first_step);
+/* The norm_type-norm of all elements of all tensors together (NULL entries skipped), accumulated in
+   double: torch.nn.utils.clip_grad_norm_'s total norm. norm_type > 0, or INFINITY for max-abs. */
+int ts_grad_norm(int n, ts_tensor *const *grads, double norm_type, double *out);
+/* tensors[k] *= factor in place for every non-NULL entry (no-grad semantics, like the steps). */
+int ts_scale_(int n, ts_tensor *const *tensors, double factor);
+
+/* ---- safetensors files ------------------------------------------------------------------------ */
+/* ts_st_open maps the file (private, copy-on-write: writing to a loaded tensor never changes the
+   file) and validates its header; errors name the file and the problem. Tensors from
+   ts_st_tensor point into the mapping (a copy only when the data is misaligned for its dtype),
+   stay valid after ts_st_close, and are not counted in the host memory statistics (they are the
+   file's page-cache pages). Each call for one index returns a new reference over the same
+   storage. Dtypes: F32, F64, F16, BF16, I64, I32, U8, BOOL. */
+typedef struct ts_st_file ts_st_file;
+ts_st_file *ts_st_open(const char *path);
+int ts_st_count(const ts_st_file *f);                  /* -1 for a NULL handle */
+const char *ts_st_name(const ts_st_file *f, int i);    /* valid until ts_st_close */
+ts_tensor *ts_st_tensor(ts_st_file *f, int i);
+/* The "__metadata__" object as compact JSON text ("{}" when absent); valid until ts_st_close. */
+const char *ts_st_metadata(const ts_st_file *f);
+void ts_st_close(ts_st_file *f);                       /* NULL is ignored */
+/* Writes n tensors (any strides, dtypes and devices; names unique, valid UTF-8) and metadata_json
+   (a JSON object of string values, or NULL) atomically: through `path.tmp.<pid>`, synced, then
+   renamed over path; on failure path is untouched and no temporary file is left. */
+int ts_st_save(const char *path, int n, const char *const *names, ts_tensor *const *tensors,
+               const char *metadata_json);
+
+/* ---- masks for masked image modeling (MAE, UM-MAE, SimMIM) ------------------------------------ */
+/* A mask is a uint8 [N, h*w] CPU tensor over an h x w grid of patches numbered row-major:
+   1 = removed, 0 = visible. Masks are drawn from a generator's Philox stream (g = NULL: the default
+   generator), so one (seed, offset) gives the same masks anywhere:
+     TS_MASK_RANDOM   MAE's random sampling: keys = a draw of N*h*w raw 32-bit lanes (randint over
+                      [0, 2^32); element i*L + l belongs to patch l of image i); each image keeps
+                      visible the int(L * (1 - ratio)) patches with the smallest keys (ties: lower
+                      index first), as MAE's argsort of its noise. ratio in [0, 1].
+     TS_MASK_GRID     grid-wise sampling: a draw of N values v in [0, 4) (randint); image i keeps patch
+                      (2gy + v/2, 2gx + v%2) of every 2x2 group (gy, gx).
+     TS_MASK_UNIFORM  uniform sampling (UM-MAE): a draw of N*G values v in [0, 4), G = (h/2)*(w/2)
+                      groups row-major on the group grid; group g of image i keeps its patch
+                      (2gy + v/2, 2gx + v%2).
+   The group strategies need even h and w; they remove 75% by construction and reject other ratios. */
+typedef enum ts_mask_kind { TS_MASK_RANDOM = 0, TS_MASK_GRID, TS_MASK_UNIFORM } ts_mask_kind;
+ts_tensor *ts_mask_generate(int kind, int64_t n, int64_t h, int64_t w, double ratio, ts_generator *g);
+/* MAE's random_masking from given noise [N, L] (any real dtype): in each row the int(L * (1 - ratio))
+   patches with the smallest noise stay visible (ties: lower index first). */
+ts_tensor *ts_mask_from_noise(ts_tensor *noise, double ratio);
+/* SimMIM's MaskGenerator: a grid of (input_size/mask_patch_size)^2 mask patches of which
+   ceil(count * ratio) are removed: those with the smallest keys of a draw of N*count raw lanes (the
+   first entries of a random permutation, as ts_randperm orders keys); each mask patch then covers
+   (mask_patch_size/model_patch_size)^2 model patches. Result [N, (input_size/model_patch_size)^2]. */
+ts_tensor *ts_mask_simmim(int64_t n, int64_t input_size, int64_t mask_patch_size, int64_t model_patch_size,
+                          double ratio, ts_generator *g);
+/* UM-MAE's secondary masking: a share `ratio` of the visible patches is replaced by a learnable token.
+   mask [N, L] uint8/bool with the same number V of visible patches in every image;
+   K = int(V * (1 - ratio)).
+     TS_SECONDARY_SWIN  (models_mae_swin.py / models_mae_pvt.py) noise [N, L] in [0, 1) over all
+                        patches: sorting the patches by mask + noise, the first K stay visible, i.e.
+                        the K visible patches with the smallest noise (ties: lower index first).
+     TS_SECONDARY_VIT   (models_mae.py) noise [N, V] over the visible patches in raster order: with
+                        P the stable ascending argsort of a noise row, visible patch j is replaced
+                        iff P[j] >= K.
+   noise = NULL draws it from g as float32 uniform [0, 1) (ts_uniform_). Writes *new_mask
+   (uint8 [N, L]: 1 = removed or replaced) and, when vis_mask is not NULL, *vis_mask (uint8 [N, V]:
+   1 = replaced, over the visible patches in raster order); both NULL on error. */
+typedef enum ts_secondary_formula { TS_SECONDARY_SWIN = 0, TS_SECONDARY_VIT } ts_secondary_formula;
+int ts_mask_secondary(ts_tensor *mask, ts_tensor *noise, double ratio, int formula, ts_generator *g,
+                      ts_tensor **new_mask, ts_tensor **vis_mask);
+/* UM-MAE's compaction: x [N, H, W, C] (a channels-last token grid, any dtype), mask [N, (H/p)*(W/p)]
+   uint8/bool over patches of p x p tokens (p = patch_tokens) with exactly one visible patch in every
+   2x2 group of patches. Returns [N, H/2, W/2, C] whose p x p block (gy, gx) holds the tokens of group
+   (gy, gx)'s visible patch. Differentiable in x (the gradient is scattered back, zeros elsewhere). */
+ts_tensor *ts_uniform_compact(ts_tensor *x, ts_tensor *mask, int64_t patch_tokens);
+
+/* ---- PNG images (libpng) ----------------------------------------------------------------------- */
+/* Reads a PNG into a new uint8 [H, W, C] CPU tensor, C as stored but always 8-bit: 1 for grayscale,
+   3 for RGB, 4 for RGBA. Grayscale with an alpha channel or a transparent colour (tRNS) becomes
+   RGBA (the gray value in R, G and B); palette images become RGB, or RGBA when the palette has
+   transparency; 1/2/4-bit grayscale is scaled to 0..255; 16-bit samples are scaled to 8 bits
+   (v * 255 / 65535, rounded); interlaced images are de-interlaced. A missing, non-PNG, truncated or
+   corrupt file fails with TS_ERR_IO and a message naming it. */
+ts_tensor *ts_png_read(const char *path);
+/* Writes an 8-bit PNG from uint8 [H, W, C] (C = 1, 3 or 4; [H, W] is grayscale), or from a floating
+   tensor of that shape with values in [0, 1] (clamped, times 255, rounded to nearest; NaN as 0).
+   Any strides and devices. Atomic: written to a temporary next to path and renamed over it. */
+int ts_png_write(const char *path, ts_tensor *img);
 
 /* ---- CUDA (always declared; answers "not available" without a GPU or a CUDA build) ----------- */
 int ts_cuda_compiled(void);

@@ -1,0 +1,71 @@
+/* masks.c — UM-MAE's compaction of a uniformly masked token grid, as a direct gather.
+ *
+ * Tokens are channels last, so a patch row of p tokens is one run of p*C contiguous elements:
+ * both directions copy runs with memcpy, whatever the dtype (nothing is converted or summed). The
+ * work is split over output rows (image, row) across the thread pool. */
+#include "cpu.h"
+
+#include <string.h>
+
+typedef struct {
+  char *dst;
+  const char *src;
+  const int64_t *kept;   /* [N, G]: the patch index each group keeps */
+  int64_t h, w, c, p;    /* the full token grid, channels, tokens per patch side */
+  int64_t esz;
+} compact_ctx;
+
+/* Output rows [begin, end) of [N*H/2]: block (gy, gx) row i = row i of the kept patch. */
+static void compact_rows(int64_t begin, int64_t end, void *arg) {
+  const compact_ctx *k = arg;
+  int64_t ho = k->h / 2, wo = k->w / 2, wp = k->w / k->p, gw = wp / 2, groups = (k->h / k->p / 2) * gw;
+  size_t run = (size_t)(k->p * k->c * k->esz);
+  for (int64_t row = begin; row < end; row++) {
+    int64_t n = row / ho, oy = row % ho, gy = oy / k->p, i = oy % k->p;
+    const int64_t *kept = k->kept + n * groups + gy * gw;
+    char *out = k->dst + row * wo * k->c * k->esz;
+    for (int64_t gx = 0; gx < gw; gx++) {
+      int64_t py = kept[gx] / wp, px = kept[gx] % wp;
+      const char *in = k->src + ((n * k->h + py * k->p + i) * k->w + px * k->p) * k->c * k->esz;
+      memcpy(out + gx * run, in, run);
+    }
+  }
+}
+
+/* Input rows [begin, end) of [N*H]: kept patches get the gradient of their block, others zeros. */
+static void compact_backward_rows(int64_t begin, int64_t end, void *arg) {
+  const compact_ctx *k = arg;
+  int64_t ho = k->h / 2, wo = k->w / 2, wp = k->w / k->p, gw = wp / 2, groups = (k->h / k->p / 2) * gw;
+  size_t run = (size_t)(k->p * k->c * k->esz);
+  for (int64_t row = begin; row < end; row++) {
+    int64_t n = row / k->h, y = row % k->h, py = y / k->p, i = y % k->p, gy = py / 2;
+    const int64_t *kept = k->kept + n * groups + gy * gw;
+    char *gx_row = k->dst + row * k->w * k->c * k->esz;
+    const char *g_row = k->src + ((n * ho + gy * k->p + i) * wo) * k->c * k->esz;
+    for (int64_t px = 0; px < wp; px++) {
+      int64_t group = px / 2;
+      if (kept[group] == py * wp + px)
+        memcpy(gx_row + px * run, g_row + group * run, run);
+      else
+        memset(gx_row + px * run, 0, run); /* all-zero bytes are 0 in every dtype */
+    }
+  }
+}
+
+static int64_t rows_per_chunk(int64_t row_elems) {
+  return row_elems > 0 && row_elems < CPU_PARALLEL_GRAIN ? CPU_PARALLEL_GRAIN / row_elems : 1;
+}
+
+int cpu_uniform_compact(ts_tensor *out, const ts_tensor *x, const ts_tensor *kept, int64_t patch_tokens) {
+  compact_ctx k = {ts_elem_ptr(out), ts_elem_ptr(x), (const int64_t *)ts_elem_ptr(kept), x->shape[1], x->shape[2],
+                   x->shape[3], patch_tokens, ts_dtype_size(x->dtype)};
+  ts_parallel_for(x->shape[0] * (k.h / 2), rows_per_chunk(k.w / 2 * k.c), compact_rows, &k);
+  return TS_OK;
+}
+
+int cpu_uniform_compact_backward(ts_tensor *gx, const ts_tensor *g, const ts_tensor *kept, int64_t patch_tokens) {
+  compact_ctx k = {ts_elem_ptr(gx), ts_elem_ptr(g), (const int64_t *)ts_elem_ptr(kept), gx->shape[1], gx->shape[2],
+                   gx->shape[3], patch_tokens, ts_dtype_size(gx->dtype)};
+  ts_parallel_for(gx->shape[0] * k.h, rows_per_chunk(k.w * k.c), compact_backward_rows, &k);
+  return TS_OK;
+}

@@ -1,0 +1,89 @@
+-- tessera.attention — T.F.scaled_dot_product_attention, PyTorch's signature with tessera's fused
+-- kernel (ts_attention): out = softmax(q kᵀ · scale + bias) v in one op and one autograd node.
+--
+--   T.F.scaled_dot_product_attention(q, k, v)                          q [..., Nq, D], k [..., Nk, D], v [..., Nk, Dv]
+--   T.F.scaled_dot_product_attention(q, k, v, attn_mask)
+--   T.F.scaled_dot_product_attention(q, k, v, {bias = b, scale = s, is_causal = false, dropout_p = 0})
+--
+-- bias (alias attn_mask): a floating tensor added to the scores, broadcast to [..., Nq, Nk]
+-- (-inf or -100 masks a key), and differentiable; or a boolean mask where true means "keep", as
+-- PyTorch's attn_mask, turned into a 0 / -inf bias. A row with every key masked gives zeros. A bias
+-- batch dim may also tile a merged batch dim of the scores: [nW, 1, N, N] Swin masks against
+-- scores [B * nW, H, N, N] (see ts_attention in tessera.h). scale defaults to 1 / sqrt(D).
+-- is_causal keeps key j for query i when j <= i (top-left aligned, as PyTorch).
+local core = require 'tessera.core'
+local C, T = core.C, core.T
+local wrap, handle = core.wrap, core.handle
+
+T.F = T.F or {}
+local F = T.F
+
+local NAME = 'scaled_dot_product_attention'
+local VALID = { bias = true, attn_mask = true, scale = true, is_causal = true, dropout_p = true }
+
+local function check_options(opts)
+  for key in pairs(opts) do
+    if not VALID[key] then
+      local names = {}
+      for n in pairs(VALID) do names[#names + 1] = n end
+      table.sort(names)
+      error(string.format("%s: unknown option '%s' (valid: %s)", NAME, tostring(key), table.concat(names, ', ')), 0)
+    end
+  end
+end
+
+-- A "true = keep" boolean mask as an additive bias of q's dtype: 0 where kept, -inf elsewhere.
+local function keep_mask_bias(mask, q)
+  local opts = { dtype = q.dtype, device = q.device }
+  return T.where(mask, T.full({}, 0, opts), T.full({}, -math.huge, opts))
+end
+
+local function bias_of(mask, q, what)
+  if mask == nil then return nil end
+  if not core.is_tensor(mask) then
+    error(string.format('%s: %s must be a tensor, got %s', NAME, what, type(mask)), 0)
+  end
+  local dtype = mask.dtype
+  if dtype == 'bool' then return keep_mask_bias(mask, q) end
+  if not mask:is_floating_point() then
+    error(string.format('%s: %s must be a floating bias or a boolean keep-mask, got %s', NAME, what, dtype), 0)
+  end
+  return mask
+end
+
+local function causal_bias(q, k)
+  local nq, nk = q:size(-2), k:size(-2)
+  local rows = T.arange(nq, { device = q.device }):view(nq, 1)
+  local cols = T.arange(nk, { device = q.device }):view(1, nk)
+  return keep_mask_bias(rows:ge(cols), q)
+end
+
+function F.scaled_dot_product_attention(q, k, v, opts)
+  if core.is_tensor(opts) then opts = { attn_mask = opts } end
+  opts = opts or {}
+  if type(opts) ~= 'table' then
+    error(string.format('%s: the 4th argument must be a mask tensor or an options table, got %s', NAME, type(opts)), 0)
+  end
+  check_options(opts)
+  local hq, hk, hv = handle(q, NAME), handle(k, NAME), handle(v, NAME)
+  if opts.bias ~= nil and opts.attn_mask ~= nil then
+    error(NAME .. ': give either bias or attn_mask (its alias), not both', 0)
+  end
+  if opts.dropout_p ~= nil and opts.dropout_p ~= 0 then
+    error(string.format('%s: dropout_p = %s is not supported by the fused kernel; pass 0 (timm models use 0 '
+      .. 'attention dropout)', NAME, tostring(opts.dropout_p)), 0)
+  end
+  local what = opts.bias ~= nil and 'bias' or 'attn_mask'
+  local bias = bias_of(opts.bias ~= nil and opts.bias or opts.attn_mask, q, what)
+  if opts.is_causal then
+    if bias ~= nil then error(NAME .. ': is_causal cannot be combined with a bias or attn_mask', 0) end
+    bias = causal_bias(q, k)
+  end
+  local scale = opts.scale
+  if scale ~= nil and type(scale) ~= 'number' then
+    error(string.format('%s: scale must be a number, got %s', NAME, type(scale)), 0)
+  end
+  return wrap(C.ts_attention(hq, hk, hv, bias and handle(bias, NAME) or nil, scale or 0 / 0))
+end
+
+return F

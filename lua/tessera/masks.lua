@@ -1,0 +1,462 @@
+-- tessera.masks — patch masks for masked image modeling (T.masks) and UM-MAE's compaction.
+--
+-- Every generator returns a Mask object:
+--   mask      uint8 [N, h*w], 1 = removed, 0 = visible, patches row-major on the h x w grid
+--   new_mask  (after secondary masking) uint8 [N, h*w], 1 = removed or replaced by the token
+--   vis_mask  (after secondary masking) uint8 [N, V], 1 = replaced, over the visible patches
+--   h, w, strategy, ratio (share removed), secondary_ratio, formula
+-- tostring(m) draws the grids as the reference README does: '#' removed, 'o' secondary-masked,
+-- '.' visible, the images side by side.
+--
+--   T.masks.random(n, h, w, {ratio = 0.75, generator =, noise =})   MAE's random sampling (RS)
+--   T.masks.grid(n, h, w, {generator =})                              grid-wise sampling (GS)
+--   T.masks.uniform(n, h, w, {generator =})                           uniform sampling (US)
+--   T.masks.simmim(n, {input_size = 192, mask_patch_size = 32, model_patch_size = 4, ratio = 0.6})
+--   T.masks.uniform_masking(n, h, w, {ratio = 0.25, formula = 'swin', generator =, noise =})
+--                                                                     US + secondary masking (UM)
+--   T.masks.secondary(mask, {ratio = 0.25, formula = 'swin' | 'vit', noise =, generator =})
+--   T.uniform_compact(x, mask, patch_tokens), alias T.masks.compact
+--   T.masks.render(path, img, masks, {labels =, denormalize =, index =, original =})   a PNG figure
+--   T.masks.show(img, mask, {width = 64, index =}) / T.masks.show_string(...)       24-bit terminal view
+-- Randomness comes from a generator's Philox stream (see ts_mask_generate in tessera.h): the same
+-- generator state gives the same masks on every device.
+local core = require 'tessera.core'
+require 'tessera.image'
+local ffi, C, T = core.ffi, core.C, core.T
+local wrap, handle, check = core.wrap, core.handle, core.check
+
+local masks = {}
+
+-- ---- arguments ---------------------------------------------------------------------------------
+local function generator_handle(g, what)
+  if g == nil then return nil end
+  if not T.is_generator(g) then error(string.format('%s: generator must be a T.Generator, got %s', what, type(g)), 0) end
+  return g.h
+end
+
+local function count_arg(x, what, name)
+  if not core.is_integer(x) or x < 0 then
+    error(string.format('%s: %s must be a non-negative integer, got %s', what, name, tostring(x)), 0)
+  end
+  return x
+end
+
+local function number_arg(x, what, name)
+  if type(x) ~= 'number' then error(string.format('%s: %s must be a number, got %s', what, name, type(x)), 0) end
+  return x
+end
+
+local function options(opts, what)
+  if opts == nil then return {} end
+  if type(opts) ~= 'table' or core.is_tensor(opts) then
+    error(string.format('%s: options must be a table, got %s', what, type(opts)), 0)
+  end
+  return opts
+end
+
+-- ---- the Mask object ---------------------------------------------------------------------------
+local Mask = {}
+Mask.__index = Mask
+masks.Mask = Mask
+
+local function is_mask(x) return getmetatable(x) == Mask end
+masks.is_mask = is_mask
+
+local function new_mask(fields) return setmetatable(fields, Mask) end
+
+-- Number of images.
+function Mask:size() return self.mask.shape[1] end
+
+-- Removed patches per image (the same in every image for every strategy here).
+function Mask:num_removed()
+  if self:size() == 0 then return 0 end
+  return self.mask:select(0, 0):to('int64'):sum():item()
+end
+
+-- '#', 'o' or '.' for every patch of image i (0-based), as rows of text.
+local function grid_rows(m, i, mask_values, new_values)
+  local rows, l = {}, m.h * m.w
+  for y = 0, m.h - 1 do
+    local chars = {}
+    for x = 0, m.w - 1 do
+      local k = i * l + y * m.w + x
+      local c = '.'
+      if mask_values[k] ~= 0 then c = '#' elseif new_values and new_values[k] ~= 0 then c = 'o' end
+      chars[#chars + 1] = c
+    end
+    rows[#rows + 1] = table.concat(chars)
+  end
+  return rows
+end
+
+local MAX_DRAWN = 8  -- images drawn by tostring; the rest are counted
+
+function Mask:__tostring()
+  local n, l = self:size(), self.h * self.w
+  local header = string.format('Mask(%s, %d image%s, %d x %d patches, %d of %d removed', self.strategy, n,
+    n == 1 and '' or 's', self.h, self.w, self:num_removed(), l)
+  if self.new_mask then
+    header = header .. string.format(', secondary %g (%s)', self.secondary_ratio, self.formula)
+  end
+  header = header .. ')'
+  if n == 0 or l == 0 then return header end
+  local mask_values = core.host_values(self.mask)
+  local new_values = self.new_mask and core.host_values(self.new_mask)
+  local shown = math.min(n, MAX_DRAWN)
+  local columns, widths = {}, {}
+  for i = 0, shown - 1 do
+    local label = 'sample ' .. i
+    columns[i + 1] = { label = label, rows = grid_rows(self, i, mask_values, new_values) }
+    widths[i + 1] = math.max(#label, self.w)
+  end
+  local lines = { header }
+  local function line(cell)
+    local parts = {}
+    for i = 1, shown do
+      local s = cell(columns[i])
+      parts[i] = i < shown and s .. string.rep(' ', widths[i] - #s) or s
+    end
+    lines[#lines + 1] = table.concat(parts, '    ')
+  end
+  line(function(col) return col.label end)
+  for y = 1, self.h do line(function(col) return col.rows[y] end) end
+  if n > shown then lines[#lines + 1] = string.format('... and %d more', n - shown) end
+  return table.concat(lines, '\n')
+end
+
+-- ---- generators --------------------------------------------------------------------------------
+local function grid_args(n, h, w, what)
+  return count_arg(n, what, 'n'), count_arg(h, what, 'h'), count_arg(w, what, 'w')
+end
+
+-- A mask tensor's h x w: from opts, else the square grid of its row length.
+local function grid_of(t, opts, what)
+  local l = t.shape[2]
+  if opts.h or opts.w then
+    local h, w = count_arg(opts.h, what, 'h'), count_arg(opts.w, what, 'w')
+    if h * w ~= l then error(string.format('%s: a %d x %d grid has %d patches, the mask has %d', what, h, w, h * w, l), 0) end
+    return h, w
+  end
+  local side = math.floor(math.sqrt(l) + 0.5)
+  if side * side ~= l then
+    error(string.format('%s: a mask of %d patches is not a square grid; give opts.h and opts.w', what, l), 0)
+  end
+  return side, side
+end
+
+function masks.random(n, h, w, opts)
+  local what = 'masks.random'
+  opts = options(opts, what)
+  n, h, w = grid_args(n, h, w, what)
+  local ratio = number_arg(opts.ratio or 0.75, what, 'ratio')
+  local t
+  if opts.noise ~= nil then
+    local noise = handle(opts.noise, what)
+    local shape = core.shape_of(noise)
+    if #shape ~= 2 or shape[1] ~= n or shape[2] ~= h * w then
+      error(string.format('%s: noise must be [%d, %d], got [%s]', what, n, h * w, table.concat(shape, ', ')), 0)
+    end
+    t = wrap(C.ts_mask_from_noise(noise, ratio))
+  else
+    t = wrap(C.ts_mask_generate(C.TS_MASK_RANDOM, n, h, w, ratio, generator_handle(opts.generator, what)))
+  end
+  return new_mask { mask = t, h = h, w = w, strategy = 'random', ratio = ratio }
+end
+
+local function group_strategy(kind, strategy)
+  local what = 'masks.' .. strategy
+  return function(n, h, w, opts)
+    opts = options(opts, what)
+    n, h, w = grid_args(n, h, w, what)
+    local ratio = number_arg(opts.ratio or 0.75, what, 'ratio')
+    local t = wrap(C.ts_mask_generate(kind, n, h, w, ratio, generator_handle(opts.generator, what)))
+    return new_mask { mask = t, h = h, w = w, strategy = strategy, ratio = 0.75 }
+  end
+end
+masks.grid = group_strategy(C.TS_MASK_GRID, 'grid')
+masks.uniform = group_strategy(C.TS_MASK_UNIFORM, 'uniform')
+
+-- SimMIM's MaskGenerator defaults: 192 px input, 32 px mask patches, 4 px model patches, 60%.
+function masks.simmim(n, opts)
+  local what = 'masks.simmim'
+  opts = options(opts, what)
+  n = count_arg(n, what, 'n')
+  local input = count_arg(opts.input_size or 192, what, 'input_size')
+  local mask_patch = count_arg(opts.mask_patch_size or 32, what, 'mask_patch_size')
+  local model_patch = count_arg(opts.model_patch_size or 4, what, 'model_patch_size')
+  local ratio = number_arg(opts.ratio or 0.6, what, 'ratio')
+  local t = wrap(C.ts_mask_simmim(n, input, mask_patch, model_patch, ratio, generator_handle(opts.generator, what)))
+  local side = model_patch > 0 and math.floor(input / model_patch) or 0
+  return new_mask { mask = t, h = side, w = side, strategy = 'simmim', ratio = ratio,
+    mask_patch_size = mask_patch, model_patch_size = model_patch }
+end
+
+local formulas = { swin = C.TS_SECONDARY_SWIN, pvt = C.TS_SECONDARY_SWIN, vit = C.TS_SECONDARY_VIT }
+
+-- Secondary masking of a Mask (or a uint8/bool mask tensor [N, L] with opts.h/opts.w, or a square
+-- grid). Returns a new Mask that shares the primary mask and adds new_mask and vis_mask.
+function masks.secondary(m, opts)
+  local what = 'masks.secondary'
+  opts = options(opts, what)
+  local base
+  if is_mask(m) then
+    base = m
+  elseif core.is_tensor(m) then
+    if #m.shape ~= 2 then error(string.format('%s: mask must be [N, L], got [%s]', what, table.concat(m.shape, ', ')), 0) end
+    local h, w = grid_of(m, opts, what)
+    base = { mask = m, h = h, w = w, strategy = 'custom' }
+  else
+    error(string.format('%s: expected a Mask or a mask tensor, got %s', what, type(m)), 0)
+  end
+  local formula = opts.formula or 'swin'
+  local id = formulas[formula]
+  if id == nil then error(string.format("%s: formula must be 'swin' or 'vit', got %s", what, tostring(formula)), 0) end
+  local ratio = number_arg(opts.ratio or 0.25, what, 'ratio')
+  local noise = opts.noise ~= nil and handle(opts.noise, what) or nil
+  local out_new, out_vis = ffi.new('ts_tensor*[1]'), ffi.new('ts_tensor*[1]')
+  check(C.ts_mask_secondary(handle(base.mask, what), noise, ratio, id, generator_handle(opts.generator, what),
+    out_new, out_vis))
+  local result = {}
+  for k, v in pairs(base) do result[k] = v end
+  result.new_mask, result.vis_mask = wrap(out_new[0]), wrap(out_vis[0])
+  result.secondary_ratio, result.formula = ratio, formula
+  return new_mask(result)
+end
+
+-- UM-MAE's full recipe: uniform sampling, then secondary masking of a share `ratio` of the kept
+-- patches (the swin formula by default; 'vit' for the ViT model).
+function masks.uniform_masking(n, h, w, opts)
+  local what = 'masks.uniform_masking'
+  opts = options(opts, what)
+  local us = masks.uniform(n, h, w, { generator = opts.generator })
+  local m = masks.secondary(us, { ratio = opts.ratio or 0.25, formula = opts.formula, noise = opts.noise,
+    generator = opts.generator })
+  m.strategy = 'uniform_masking'
+  return m
+end
+
+-- ---- compaction --------------------------------------------------------------------------------
+-- x [N, H, W, C] channels last; mask a Mask (its primary mask) or a uint8/bool tensor [N, L].
+function T.uniform_compact(x, mask, patch_tokens)
+  local what = 'uniform_compact'
+  if is_mask(mask) then mask = mask.mask end
+  return wrap(C.ts_uniform_compact(handle(x, what), handle(mask, what), count_arg(patch_tokens, what, 'patch_tokens')))
+end
+masks.compact = T.uniform_compact
+
+-- ---- pictures ----------------------------------------------------------------------------------
+local IMAGENET_MEAN, IMAGENET_STD = { 0.485, 0.456, 0.406 }, { 0.229, 0.224, 0.225 }
+local GREY, REMOVED_KEEP = 0.5, 0.25          -- removed patches: mostly grey, a trace of the image
+local TINT, TINT_KEEP = { 0.15, 0.45, 0.95 }, 0.45  -- secondary-masked patches: tinted blue
+
+-- The image as float32 [3, H, W] values in [0, 1] and its sides. Accepts float [3, H, W] (values in
+-- [0, 1], or ImageNet-normalized with denormalize) and uint8 [H, W, 3|4] as read_png returns.
+local function image_planes(img, opts, what)
+  local shape = img.shape
+  if img.dtype == 'uint8' and #shape == 3 and (shape[3] == 3 or shape[3] == 4) then
+    img = T.image.to_tensor(img:narrow(2, 0, 3))
+  elseif #shape ~= 3 or shape[1] ~= 3 or not img:is_floating_point() then
+    error(string.format('%s: expected an image [3, H, W] (float) or [H, W, 3] (uint8), got %s [%s]', what, img.dtype,
+      table.concat(shape, ', ')), 0)
+  end
+  img = img:to('float32')
+  if opts.denormalize then
+    local std = T.tensor(IMAGENET_STD):view(3, 1, 1)
+    local mean = T.tensor(IMAGENET_MEAN):view(3, 1, 1)
+    img = img * std + mean
+  end
+  img = img:contiguous()
+  return img, img.shape[2], img.shape[3]
+end
+
+-- One image of a mask (Mask object, or a tensor [L] / [N, L] on a square grid or opts.h x opts.w)
+-- as Lua tables: removed[k], secondary[k] for patch k (0-based), and the grid sides.
+local function mask_tables(m, index, opts, what)
+  local mask_t, new_t, h, w
+  if is_mask(m) then
+    mask_t, new_t, h, w = m.mask, m.new_mask, m.h, m.w
+  elseif core.is_tensor(m) then
+    mask_t = #m.shape == 1 and m:view(1, -1) or m
+    h, w = grid_of(mask_t, opts, what)
+  else
+    error(string.format('%s: expected a Mask or a mask tensor, got %s', what, type(m)), 0)
+  end
+  if index < 0 or index >= mask_t.shape[1] then
+    error(string.format('%s: image index %d is out of range for %d masks', what, index, mask_t.shape[1]), 0)
+  end
+  local removed = core.host_values(mask_t:select(0, index))
+  local secondary = new_t and core.host_values(new_t:select(0, index))
+  return removed, secondary, h, w
+end
+
+-- A function (y, x) -> r, g, b of the masked picture.
+local function masked_pixels(planes, hh, ww, removed, secondary, gh, gw, what)
+  if hh % gh ~= 0 or ww % gw ~= 0 then
+    error(string.format('%s: the %d x %d image does not split into the %d x %d patch grid of the mask', what, hh, ww,
+      gh, gw), 0)
+  end
+  local ph, pw = hh / gh, ww / gw
+  local px = ffi.cast('const float *', planes:data_ptr())
+  local plane = hh * ww
+  return function(y, x)
+    local k = math.floor(y / ph) * gw + math.floor(x / pw)
+    local o = y * ww + x
+    local r, g, b = px[o], px[plane + o], px[2 * plane + o]
+    if removed and removed[k] ~= 0 then
+      return REMOVED_KEEP * r + (1 - REMOVED_KEEP) * GREY, REMOVED_KEEP * g + (1 - REMOVED_KEEP) * GREY,
+        REMOVED_KEEP * b + (1 - REMOVED_KEEP) * GREY
+    elseif secondary and secondary[k] ~= 0 then
+      return TINT_KEEP * r + (1 - TINT_KEEP) * TINT[1], TINT_KEEP * g + (1 - TINT_KEEP) * TINT[2],
+        TINT_KEEP * b + (1 - TINT_KEEP) * TINT[3]
+    end
+    return r, g, b
+  end
+end
+
+local function to_byte(v)
+  if v ~= v or v <= 0 then return 0 end
+  if v >= 1 then return 255 end
+  return math.floor(v * 255 + 0.5)
+end
+
+-- A 5x7 bitmap font (rows top down, bit 4 = leftmost column) for figure labels; lower case is
+-- drawn in capitals, characters outside it as '?'.
+local FONT = {
+  ['0'] = '0E11131519110E', ['1'] = '040C040404040E', ['2'] = '0E11010204081F',
+  ['3'] = '1F02040201110E', ['4'] = '02060A121F0202', ['5'] = '1F101E0101110E',
+  ['6'] = '0608101E11110E', ['7'] = '1F010204080808', ['8'] = '0E11110E11110E',
+  ['9'] = '0E11110F01020C', A = '0E1111111F1111', B = '1E11111E11111E', C = '0E11101010110E',
+  D = '1C12111111121C', E = '1F10101E10101F', F = '1F10101E101010', G = '0E11101711110F',
+  H = '1111111F111111', I = '0E04040404040E', J = '0702020202120C', K = '11121418141211',
+  L = '1010101010101F', M = '111B1515111111', N = '11111915131111', O = '0E11111111110E',
+  P = '1E11111E101010', Q = '0E11111115120D', R = '1E11111E141211', S = '0F10100E01011E',
+  T = '1F040404040404', U = '1111111111110E', V = '11111111110A04', W = '1111111515150A',
+  X = '11110A040A1111', Y = '1111110A040404', Z = '1F01020408101F', [' '] = '00000000000000',
+  ['.'] = '00000000000C0C', [','] = '000000000C0408', ['-'] = '0000001F000000', ['_'] = '0000000000001F',
+  [':'] = '000C0C000C0C00', ['('] = '02040808080402', [')'] = '08040202020408', ['%'] = '18190204081303',
+  ['/'] = '00010204081000', ['+'] = '0004041F040400', ['='] = '00001F001F0000', ['?'] = '0E110102040004',
+  ['#'] = '0A0A1F0A1F0A0A', ["'"] = '04040800000000',
+}
+local GLYPH_W, GLYPH_H = 5, 7
+
+local function glyph_rows(ch)
+  local code = FONT[ch] or FONT[ch:upper()] or FONT['?']
+  local rows = {}
+  for r = 1, GLYPH_H do rows[r] = tonumber(code:sub(2 * r - 1, 2 * r), 16) end
+  return rows
+end
+
+-- Draws `text` centred in the box [x0, x0 + width) x [y0, y0 + GLYPH_H * scale) of an RGB byte
+-- canvas, cut at the box's width.
+local function draw_text(canvas, cw, text, x0, y0, width, scale)
+  local advance = (GLYPH_W + 1) * scale
+  local fits = math.max(0, math.floor((width + scale) / advance))
+  text = text:sub(1, fits)
+  local left = x0 + math.floor((width - (#text * advance - scale)) / 2)
+  for i = 1, #text do
+    local rows = glyph_rows(text:sub(i, i))
+    for r = 1, GLYPH_H do
+      for c = 0, GLYPH_W - 1 do
+        if bit.band(rows[r], bit.lshift(1, GLYPH_W - 1 - c)) ~= 0 then
+          for dy = 0, scale - 1 do
+            for dx = 0, scale - 1 do
+              local o = ((y0 + (r - 1) * scale + dy) * cw + left + (i - 1) * advance + c * scale + dx) * 3
+              canvas[o], canvas[o + 1], canvas[o + 2] = 0, 0, 0
+            end
+          end
+        end
+      end
+    end
+  end
+end
+
+local GAP = 2  -- white pixels between panels
+
+-- Writes a PNG of the image shown under each mask side by side (the UM-MAE paper's Fig. 4):
+-- removed patches greyed out, secondary-masked ones tinted blue, 2-pixel white gaps, a label under
+-- every panel. masks: a Mask (or mask tensor) or a list of them. opts: labels (one per mask; the
+-- defaults are the strategies), index (image of each mask, 0-based, default 0), original (true:
+-- the unmasked image first), denormalize (undo ImageNet normalization). Returns the path.
+function masks.render(path, img, mask_list, opts)
+  local what = 'masks.render'
+  opts = options(opts, what)
+  if type(path) ~= 'string' then error(what .. ': path must be a string, got ' .. type(path), 0) end
+  if is_mask(mask_list) or core.is_tensor(mask_list) then mask_list = { mask_list } end
+  if type(mask_list) ~= 'table' then error(what .. ': expected a Mask or a list of masks, got ' .. type(mask_list), 0) end
+  local planes, hh, ww = image_planes(img, opts, what)
+  local index = opts.index or 0
+  local panels, labels = {}, opts.labels or {}
+  if opts.original ~= false then
+    panels[1] = { pixel = masked_pixels(planes, hh, ww, nil, nil, 1, 1, what), label = 'original' }
+  end
+  for i, m in ipairs(mask_list) do
+    local removed, secondary, gh, gw = mask_tables(m, index, opts, what)
+    local default = is_mask(m) and m.strategy:gsub('_', ' ') or ('mask ' .. i)
+    panels[#panels + 1] = { pixel = masked_pixels(planes, hh, ww, removed, secondary, gh, gw, what),
+      label = labels[i] ~= nil and tostring(labels[i]) or default }
+  end
+  local scale = math.max(1, math.floor(hh / 128))
+  local strip = opts.labels == false and 0 or (GLYPH_H + 4) * scale
+  local cw, ch = #panels * ww + (#panels - 1) * GAP, hh + strip
+  local out = T.full({ ch, cw, 3 }, 255, { dtype = 'uint8' })
+  local canvas = ffi.cast('uint8_t *', out:data_ptr())
+  for p, panel in ipairs(panels) do
+    local x0 = (p - 1) * (ww + GAP)
+    for y = 0, hh - 1 do
+      for x = 0, ww - 1 do
+        local r, g, b = panel.pixel(y, x)
+        local o = (y * cw + x0 + x) * 3
+        canvas[o], canvas[o + 1], canvas[o + 2] = to_byte(r), to_byte(g), to_byte(b)
+      end
+    end
+    if strip > 0 then draw_text(canvas, cw, panel.label, x0, hh + 2 * scale, ww, scale) end
+  end
+  T.image.write_png(path, out)
+  return path, out
+end
+
+-- The masked image as 24-bit colour text: every character '▀' shows two pixel rows (foreground
+-- the upper, background the lower), the image box-averaged down to opts.width columns (default
+-- 64). mask: a Mask or a mask tensor; opts.index picks the image of a batch (0-based).
+function masks.show_string(img, m, opts)
+  local what = 'masks.show'
+  opts = options(opts, what)
+  local planes, hh, ww = image_planes(img, opts, what)
+  local removed, secondary, gh, gw = nil, nil, 1, 1
+  if m ~= nil then removed, secondary, gh, gw = mask_tables(m, opts.index or 0, opts, what) end
+  local pixel = masked_pixels(planes, hh, ww, removed, secondary, gh, gw, what)
+  local cols = math.min(count_arg(opts.width or 64, what, 'width'), ww)
+  if cols < 1 then error(what .. ': width must be at least 1', 0) end
+  local rows = math.max(2, 2 * math.floor(cols * hh / ww / 2 + 0.5))
+  local function average(oy, ox)
+    local y0, y1 = math.floor(oy * hh / rows), math.max(math.floor(oy * hh / rows) + 1, math.floor((oy + 1) * hh / rows))
+    local x0, x1 = math.floor(ox * ww / cols), math.max(math.floor(ox * ww / cols) + 1, math.floor((ox + 1) * ww / cols))
+    local r, g, b = 0, 0, 0
+    for y = y0, math.min(y1, hh) - 1 do
+      for x = x0, math.min(x1, ww) - 1 do
+        local pr, pg, pb = pixel(y, x)
+        r, g, b = r + pr, g + pg, b + pb
+      end
+    end
+    local n = (math.min(y1, hh) - y0) * (math.min(x1, ww) - x0)
+    return to_byte(r / n), to_byte(g / n), to_byte(b / n)
+  end
+  local lines = {}
+  for line = 0, rows / 2 - 1 do
+    local cells = {}
+    for x = 0, cols - 1 do
+      local ur, ug, ub = average(2 * line, x)
+      local lr, lg, lb = average(2 * line + 1, x)
+      cells[#cells + 1] = string.format('\27[38;2;%d;%d;%dm\27[48;2;%d;%d;%dm\226\150\128', ur, ug, ub, lr, lg, lb)
+    end
+    lines[#lines + 1] = table.concat(cells) .. '\27[0m'
+  end
+  return table.concat(lines, '\n') .. '\n'
+end
+
+function masks.show(img, m, opts)
+  io.write(masks.show_string(img, m, opts))
+end
+
+T.masks = masks
+return masks

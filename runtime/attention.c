@@ -1,0 +1,316 @@
+/* attention.c — scaled dot-product attention: argument checks, the bias layout, autograd.
+ *
+ * The backend sees every operand as (batch·head) blocks: q, k, v converted to the compute dtype,
+ * broadcast over the joint leading dims and made contiguous [BH, rows, cols]. The bias is not
+ * copied: it reaches the kernel as a strided view [E..., Nq, Nk] whose leading dims E enumerate the
+ * BH blocks row-major. E is the leading shape of the scores with every merged dim that the bias
+ * tiles (a bias dim b against a scores dim m·b) split into [m, b]; the bias strides are 0 along
+ * the dims it broadcasts over.
+ *
+ * One node records the whole op. It saves the prepared blocks, the bias view, the output and the
+ * per-row log-sum-exp; backward recomputes the probabilities from them (no [Nq, Nk] matrix is kept
+ * between forward and backward). */
+#include "autograd.h"
+#include "backend.h"
+
+#include <math.h>
+
+static const char *const OP = "scaled_dot_product_attention";
+
+typedef struct {
+  int nlead; /* leading dims of the scores: q, k and v's broadcast */
+  int64_t lead[TS_MAX_DIMS];
+  int64_t heads; /* their product: the number of blocks */
+  int64_t nq, nk, d, dv;
+  /* the bias against E: its dim along each E dim, -1 where it broadcasts (there its gradient
+     is summed over E's dim; elsewhere each index has a bias block of its own) */
+  int nblock;
+  int64_t block[TS_MAX_DIMS];
+  int bias_dim[TS_MAX_DIMS];
+} attn_shape;
+
+/* ---- checks ----------------------------------------------------------------------------------- */
+static int check_tensor(const ts_tensor *t, const char *name, int min_dims) {
+  if (!t) return ts_set_error(TS_ERR_ARG, "%s: %s is NULL", OP, name);
+  if (t->ndim < min_dims)
+    return ts_set_error(TS_ERR_SHAPE, "%s: %s must have at least %d dims [..., N, features], got %s", OP, name, min_dims,
+                        ts_tshape(t));
+  return TS_OK;
+}
+
+static int check_dtypes(const ts_tensor *q, const ts_tensor *k, const ts_tensor *v, const ts_tensor *bias) {
+  if (!ts_dtype_is_floating(q->dtype) || q->dtype != k->dtype || q->dtype != v->dtype)
+    return ts_set_error(TS_ERR_DTYPE, "%s: q, k and v must share one floating dtype, got %s, %s and %s", OP,
+                        ts_dtype_name(q->dtype), ts_dtype_name(k->dtype), ts_dtype_name(v->dtype));
+  if (bias && !ts_dtype_is_floating(bias->dtype))
+    return ts_set_error(TS_ERR_DTYPE, "%s: the bias is added to the scores and must be floating, got %s (turn a boolean "
+                        "keep-mask into 0 / -inf first, as the Lua attn_mask option does)", OP, ts_dtype_name(bias->dtype));
+  if (ts_same_device(OP, q, k) || ts_same_device(OP, q, v)) return ts_last_status();
+  return bias ? ts_same_device(OP, q, bias) : TS_OK;
+}
+
+/* Broadcasts the leading dims of q, k and v into s->lead. */
+static int broadcast_leading(attn_shape *s, const ts_tensor *q, const ts_tensor *k, const ts_tensor *v) {
+  const ts_tensor *ops[3] = {q, k, v};
+  int n = 0;
+  for (int i = 0; i < 3; i++) n = ops[i]->ndim - 2 > n ? ops[i]->ndim - 2 : n;
+  s->nlead = n;
+  s->heads = 1;
+  for (int d = 0; d < n; d++) {
+    int64_t size = 1;
+    for (int i = 0; i < 3; i++) {
+      int src = d - (n - (ops[i]->ndim - 2));
+      int64_t have = src >= 0 ? ops[i]->shape[src] : 1;
+      if (have != 1 && size != 1 && have != size)
+        return ts_set_error(TS_ERR_SHAPE, "%s: the batch dims of q %s, k %s and v %s do not broadcast", OP,
+                            ts_tshape(q), ts_tshape(k), ts_tshape(v));
+      if (have != 1) size = have;
+    }
+    s->lead[d] = size;
+    s->heads *= size;
+  }
+  return TS_OK;
+}
+
+static int check_sizes(attn_shape *s, const ts_tensor *q, const ts_tensor *k, const ts_tensor *v) {
+  s->nq = q->shape[q->ndim - 2];
+  s->d = q->shape[q->ndim - 1];
+  s->nk = k->shape[k->ndim - 2];
+  s->dv = v->shape[v->ndim - 1];
+  if (k->shape[k->ndim - 1] != s->d)
+    return ts_set_error(TS_ERR_SHAPE, "%s: q %s and k %s must have the same last dim (the embedding size D), got %lld and "
+                        "%lld", OP, ts_tshape(q), ts_tshape(k), (long long)s->d, (long long)k->shape[k->ndim - 1]);
+  if (v->shape[v->ndim - 2] != s->nk)
+    return ts_set_error(TS_ERR_SHAPE, "%s: k %s and v %s must have the same number of keys (dim -2), got %lld and %lld",
+                        OP, ts_tshape(k), ts_tshape(v), (long long)s->nk, (long long)v->shape[v->ndim - 2]);
+  return broadcast_leading(s, q, k, v);
+}
+
+static int bias_mismatch(const attn_shape *s, const ts_tensor *bias, const char *why) {
+  int64_t scores[TS_MAX_DIMS + 2];
+  for (int d = 0; d < s->nlead; d++) scores[d] = s->lead[d];
+  scores[s->nlead] = s->nq;
+  scores[s->nlead + 1] = s->nk;
+  return ts_set_error(TS_ERR_SHAPE, "%s: the bias %s is not broadcastable to the attention scores %s: %s", OP,
+                      ts_tshape(bias), ts_shape_str(s->nlead + 2, scores), why);
+}
+
+/* Aligns the bias's leading dims with the scores' from the right: equal sizes match, a 1
+   broadcasts, and a size b dividing a scores dim m·b tiles it (E gets [m, b] there). E is built
+   from its last dim backwards in the tail of `block` and `bias_dim`, then moved to the front. */
+static int align_bias(attn_shape *s, const ts_tensor *bias) {
+  int nb = bias->ndim, nblead = nb > 2 ? nb - 2 : 0;
+  if (nb >= 1 && bias->shape[nb - 1] != 1 && bias->shape[nb - 1] != s->nk)
+    return bias_mismatch(s, bias, "its last dim must be the number of keys or 1");
+  if (nb >= 2 && bias->shape[nb - 2] != 1 && bias->shape[nb - 2] != s->nq)
+    return bias_mismatch(s, bias, "its dim -2 must be the number of queries or 1");
+  int64_t block[2 * TS_MAX_DIMS];
+  int bias_dim[2 * TS_MAX_DIMS], at = 2 * TS_MAX_DIMS, j = nblead - 1;
+  for (int i = s->nlead - 1; i >= 0; i--, j--) {
+    int64_t a = s->lead[i], b = j >= 0 ? bias->shape[j] : 1;
+    if (b == a || b == 1) {
+      at--;
+      block[at] = a;
+      bias_dim[at] = b == a && a != 1 ? j : -1;
+    } else if (b > 1 && a > b && a % b == 0) { /* a merged dim [m·b] that the bias repeats over */
+      at -= 2;
+      block[at] = a / b;
+      bias_dim[at] = -1;
+      block[at + 1] = b;
+      bias_dim[at + 1] = j;
+    } else {
+      return bias_mismatch(s, bias, "each batch dim must equal the scores' dim, be 1, or divide a merged batch dim");
+    }
+  }
+  for (; j >= 0; j--)
+    if (bias->shape[j] != 1) return bias_mismatch(s, bias, "it has more batch dims than the scores");
+  s->nblock = 2 * TS_MAX_DIMS - at;
+  if (s->nblock > TS_MAX_DIMS - 2)
+    return bias_mismatch(s, bias, "tiling merged batch dims gives more dims than a tensor can have");
+  for (int d = 0; d < s->nblock; d++) {
+    s->block[d] = block[at + d];
+    s->bias_dim[d] = bias_dim[at + d];
+  }
+  return TS_OK;
+}
+
+/* ---- operands as the backend takes them (grad mode is off) ------------------------------------ */
+/* t in the compute dtype, broadcast over the leading dims, as contiguous blocks [heads, rows, cols]. */
+static ts_tensor *as_blocks(ts_tensor *t, int dtype, const attn_shape *s, int64_t rows, int64_t cols) {
+  int64_t full[TS_MAX_DIMS], blocks[3] = {s->heads, rows, cols};
+  for (int d = 0; d < s->nlead; d++) full[d] = s->lead[d];
+  full[s->nlead] = rows;
+  full[s->nlead + 1] = cols;
+  ts_tensor *wide = ts_expand(t, s->nlead + 2, full);
+  ts_tensor *conv = wide ? ts_to_dtype(wide, dtype) : NULL;
+  ts_release(wide);
+  ts_tensor *dense = conv ? ts_contiguous(conv) : NULL;
+  ts_release(conv);
+  ts_tensor *view = dense ? ts_view(dense, 3, blocks) : NULL;
+  ts_release(dense);
+  return view;
+}
+
+/* The bias in the compute dtype as a strided view [E..., Nq, Nk] (no copy beyond the conversion). */
+static ts_tensor *bias_view(ts_tensor *bias, int dtype, const attn_shape *s) {
+  ts_tensor *conv = ts_to_dtype(bias, dtype);
+  if (!conv) return NULL;
+  int nb = conv->ndim, n = s->nblock;
+  int64_t shape[TS_MAX_DIMS], stride[TS_MAX_DIMS];
+  for (int d = 0; d < n; d++) {
+    shape[d] = s->block[d];
+    stride[d] = s->bias_dim[d] >= 0 ? conv->stride[s->bias_dim[d]] : 0;
+  }
+  shape[n] = s->nq;
+  stride[n] = nb >= 2 && conv->shape[nb - 2] != 1 ? conv->stride[nb - 2] : 0;
+  shape[n + 1] = s->nk;
+  stride[n + 1] = nb >= 1 && conv->shape[nb - 1] != 1 ? conv->stride[nb - 1] : 0;
+  ts_tensor *view = ts_tensor_over(conv->storage, n + 2, shape, stride, conv->offset, dtype);
+  ts_release(conv);
+  return view;
+}
+
+/* What the forward computed and the backward reads. */
+typedef struct { ts_tensor *q, *k, *v, *bias, *out, *lse; } attn_blocks;
+
+static void release_blocks(attn_blocks *b) {
+  ts_tensor *all[6] = {b->q, b->k, b->v, b->bias, b->out, b->lse};
+  for (int i = 0; i < 6; i++) ts_release(all[i]);
+}
+
+static int run_forward(const attn_shape *s, const ts_backend *be, int compute, ts_tensor *q, ts_tensor *k, ts_tensor *v,
+                       ts_tensor *bias, double scale, attn_blocks *b) {
+  int64_t out_shape[3] = {s->heads, s->nq, s->dv}, lse_shape[2] = {s->heads, s->nq};
+  if (!(b->q = as_blocks(q, compute, s, s->nq, s->d)) || !(b->k = as_blocks(k, compute, s, s->nk, s->d)) ||
+      !(b->v = as_blocks(v, compute, s, s->nk, s->dv)) || (bias && !(b->bias = bias_view(bias, compute, s))) ||
+      !(b->out = ts_empty(3, out_shape, compute, q->device)) || !(b->lse = ts_empty(2, lse_shape, compute, q->device)))
+    return ts_last_status();
+  if (s->heads * s->nq == 0) return TS_OK;
+  return be->attention(b->out, b->lse, b->q, b->k, b->v, b->bias, scale);
+}
+
+/* [heads, Nq, Dv] blocks as the user's [..., Nq, Dv] in the inputs' dtype. */
+static ts_tensor *result_of(const attn_shape *s, ts_tensor *blocks, int dtype) {
+  int64_t shape[TS_MAX_DIMS];
+  for (int d = 0; d < s->nlead; d++) shape[d] = s->lead[d];
+  shape[s->nlead] = s->nq;
+  shape[s->nlead + 1] = s->dv;
+  ts_tensor *view = ts_view(blocks, s->nlead + 2, shape);
+  ts_tensor *out = view ? ts_to_dtype(view, dtype) : NULL;
+  ts_release(view);
+  return out;
+}
+
+/* ---- autograd --------------------------------------------------------------------------------- */
+/* Node parameters: i[0] = number of leading dims, i[1..] their sizes; i[KEPT + d] = whether the
+   bias has its own block along E dim d; d[0] = the scale. */
+enum { KEPT = 1 + TS_MAX_DIMS };
+
+/* Hands gradient t, viewed as `shape`, to input `input` (summed over its broadcast dims, cast). */
+static int give_grad(ts_node *n, int input, ts_tensor *t, int ndim, const int64_t *shape, ts_tensor **grads) {
+  if (!t) return TS_OK;
+  ts_tensor *view = ts_view(t, ndim, shape);
+  if (!view) return ts_last_status();
+  int st = ts_set_input_grad(n, input, view, grads);
+  ts_release(view);
+  return st;
+}
+
+/* A [heads, rows, cols] gradient handed back as [lead..., rows, cols]. */
+static int give_block_grad(ts_node *n, int input, ts_tensor *t, ts_tensor **grads) {
+  if (!t) return TS_OK;
+  int nlead = (int)n->i[0];
+  int64_t shape[TS_MAX_DIMS];
+  for (int d = 0; d < nlead; d++) shape[d] = n->i[1 + d];
+  shape[nlead] = t->shape[1];
+  shape[nlead + 1] = t->shape[2];
+  return give_grad(n, input, t, nlead + 2, shape, grads);
+}
+
+/* The bias gradient [E'..., Nq, Nk] handed back with the bias's own leading dims. */
+static int give_bias_grad(ts_node *n, ts_tensor *t, ts_tensor **grads) {
+  if (!t) return TS_OK;
+  const ts_edge *e = ts_node_input(n, 3);
+  int nlead = e->ndim > 2 ? e->ndim - 2 : 0;
+  int64_t shape[TS_MAX_DIMS];
+  for (int d = 0; d < nlead; d++) shape[d] = e->shape[d];
+  shape[nlead] = t->shape[t->ndim - 2];
+  shape[nlead + 1] = t->shape[t->ndim - 1];
+  return give_grad(n, 3, t, nlead + 2, shape, grads);
+}
+
+/* An uninitialised gradient shaped like saved block tensor `like`, when input `input` needs one. */
+static ts_tensor *grad_buffer(ts_scope *s, ts_node *n, int input, const ts_tensor *like) {
+  if (s->failed || !ts_node_needs_grad(n, input)) return NULL;
+  return ts_scope_keep(s, ts_empty(like->ndim, like->shape, like->dtype, like->device));
+}
+
+static ts_tensor *bias_grad_buffer(ts_scope *s, ts_node *n, const ts_tensor *bias) {
+  if (s->failed || !bias || !ts_node_needs_grad(n, 3)) return NULL;
+  int nblock = bias->ndim - 2;
+  int64_t shape[TS_MAX_DIMS];
+  for (int d = 0; d < nblock; d++) shape[d] = n->i[KEPT + d] ? bias->shape[d] : 1;
+  shape[nblock] = bias->shape[nblock];
+  shape[nblock + 1] = bias->shape[nblock + 1];
+  return ts_scope_keep(s, ts_empty(bias->ndim, shape, bias->dtype, bias->device));
+}
+
+static int attention_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  ts_tensor *b[6] = {NULL};
+  for (int i = 0; i < 6; i++)
+    if (n->saved[i] && !(b[i] = ts_node_saved(n, i))) return ts_last_status();
+  ts_tensor *q = b[0], *k = b[1], *v = b[2], *bias = b[3], *out = b[4], *lse = b[5];
+  if (!q || !k || !v || !out || !lse) return ts_set_error(TS_ERR_ARG, "%s backward: saved tensors are missing", OP);
+  const ts_backend *be = ts_backend_for(q->device);
+  if (!be || TS_BACKEND_FN(be, attention_backward, OP, q->device)) return ts_last_status();
+  ts_scope s = {0};
+  ts_tensor *cast = ts_s_cast(&s, g, q->dtype);
+  ts_tensor *dense = s.failed ? NULL : ts_scope_keep(&s, ts_contiguous(cast));
+  ts_tensor *dout = s.failed ? NULL : ts_scope_keep(&s, ts_view(dense, 3, out->shape));
+  ts_tensor *dq = grad_buffer(&s, n, 0, q), *dk = grad_buffer(&s, n, 1, k), *dv = grad_buffer(&s, n, 2, v);
+  ts_tensor *dbias = bias_grad_buffer(&s, n, bias);
+  if (!s.failed && q->shape[0] > 0 &&
+      be->attention_backward(dq, dk, dv, dbias, dout, q, k, v, bias, out, lse, n->d[0]))
+    s.failed = 1;
+  if (!s.failed && (give_block_grad(n, 0, dq, grads) || give_block_grad(n, 1, dk, grads) ||
+                    give_block_grad(n, 2, dv, grads) || give_bias_grad(n, dbias, grads)))
+    s.failed = 1;
+  return ts_scope_close(&s);
+}
+
+static ts_tensor *record(const attn_shape *s, ts_tensor *out, ts_tensor *const inputs[4], double scale,
+                         const attn_blocks *b) {
+  ts_node *n = ts_grad_node(OP, attention_backward, 4, inputs);
+  if (!n) return out;
+  n->d[0] = scale;
+  n->i[0] = s->nlead;
+  for (int d = 0; d < s->nlead; d++) n->i[1 + d] = s->lead[d];
+  for (int d = 0; d < s->nblock; d++) n->i[KEPT + d] = s->bias_dim[d] >= 0;
+  ts_tensor *save[6] = {b->q, b->k, b->v, b->bias, b->out, b->lse};
+  for (int i = 0; i < 6; i++)
+    if (ts_node_save(n, save[i])) {
+      ts_node_release(n);
+      ts_release(out);
+      return NULL;
+    }
+  return ts_node_finish(n, out);
+}
+
+/* ---- the entry point -------------------------------------------------------------------------- */
+ts_tensor *ts_attention(ts_tensor *q, ts_tensor *k, ts_tensor *v, ts_tensor *bias, double scale) {
+  attn_shape s = {0};
+  if (check_tensor(q, "q", 2) || check_tensor(k, "k", 2) || check_tensor(v, "v", 2)) return NULL;
+  if (check_dtypes(q, k, v, bias) || check_sizes(&s, q, k, v) || (bias && align_bias(&s, bias))) return NULL;
+  if (isnan(scale)) scale = s.d > 0 ? 1.0 / sqrt((double)s.d) : 1.0; /* D = 0: the scores are 0, not 0·inf */
+  const ts_backend *be = ts_backend_for(q->device);
+  if (!be || TS_BACKEND_FN(be, attention, OP, q->device)) return NULL;
+  int compute = be->compute_dtype(q->dtype);
+  int previous = ts_set_grad_enabled(0);
+  attn_blocks b = {0};
+  ts_tensor *out = run_forward(&s, be, compute, q, k, v, bias, scale, &b) ? NULL : result_of(&s, b.out, q->dtype);
+  ts_set_grad_enabled(previous);
+  ts_tensor *inputs[4] = {q, k, v, bias};
+  if (out) out = record(&s, out, inputs, scale, &b);
+  release_blocks(&b);
+  return out;
+}

@@ -1,0 +1,279 @@
+-- attention_spec.lua — T.F.scaled_dot_product_attention (the fused ts_attention op): forward
+-- against a composite of existing ops (matmul, amax, exp, sum), gradients against that composite's
+-- autograd and against float64 central differences (T.gradcheck), masking, bias broadcasting and
+-- tiling of merged batch dims, dtypes, and the error messages.
+local T = require 'tessera'
+local S = require 'support'
+
+local sdpa = T.F.scaled_dot_product_attention
+
+local function numel(shape)
+  local n = 1
+  for _, s in ipairs(shape) do n = n * s end
+  return n
+end
+
+-- A float64 tensor of random values in [lo, hi).
+local function rand(shape, seed, lo, hi)
+  return T.tensor(S.nest(S.randoms(numel(shape), seed, lo or -1, hi or 1), shape), { dtype = 'float64' })
+end
+
+local function leaf(shape, seed, lo, hi) return rand(shape, seed, lo, hi):requires_grad_() end
+
+-- softmax(q kᵀ scale + bias) v written with existing ops; bias broadcasts by the usual rules.
+local function composite(q, k, v, bias, scale)
+  scale = scale or 1 / math.sqrt(q:size(-1))
+  local s = q:matmul(k:transpose(-2, -1)) * scale
+  if bias then s = s + bias end
+  local m = s:detach():amax(-1, true)
+  local e = (s - m):exp()
+  return (e / e:sum(-1, true)):matmul(v)
+end
+
+local function grads_of(inputs)
+  local out = {}
+  for i, x in ipairs(inputs) do out[i] = x.grad; x.grad = nil end
+  return out
+end
+
+-- Runs fused and composite forward and backward on the same leaves; compares outputs and grads.
+local function compare_with_composite(inputs, fused, reference, tol)
+  local out = fused(unpack(inputs))
+  local w = rand(out.shape, 99, 0.5, 1.5)
+  ;(out * w):sum():backward()
+  local g1 = grads_of(inputs)
+  local ref = reference(unpack(inputs))
+  ;(ref * w):sum():backward()
+  local g2 = grads_of(inputs)
+  S.assert_close(out, ref:detach(), tol, tol, 'output')
+  for i = 1, #inputs do
+    if inputs[i].requires_grad then S.assert_close(g1[i], g2[i], tol, tol, 'gradient of input ' .. i) end
+  end
+end
+
+local function check_grad(name, fn, inputs)
+  assert(T.gradcheck(fn, inputs, { name = name }))
+end
+
+describe('scaled_dot_product_attention forward', function()
+  it('matches the composite for ViT-shaped inputs (B2 H3 N17 D8)', function()
+    local q, k, v = rand({ 2, 3, 17, 8 }, 1), rand({ 2, 3, 17, 8 }, 2), rand({ 2, 3, 17, 8 }, 3)
+    S.assert_close(sdpa(q, k, v), composite(q, k, v), 1e-12, 1e-13)
+    S.assert_close(sdpa(q, k, v, { scale = 0.3 }), composite(q, k, v, nil, 0.3), 1e-12, 1e-13)
+  end)
+
+  it('handles cross attention (Nq ~= Nk, Dv ~= D) and a bias broadcast over the batch', function()
+    local q, k, v = rand({ 2, 2, 5, 6 }, 4), rand({ 2, 2, 9, 6 }, 5), rand({ 2, 2, 9, 3 }, 6)
+    local bias = rand({ 2, 5, 9 }, 7, -2, 2)
+    local out = sdpa(q, k, v, { bias = bias })
+    assert.same({ 2, 2, 5, 3 }, out.shape)
+    S.assert_close(out, composite(q, k, v, bias), 1e-12, 1e-13)
+  end)
+
+  it('takes Swin window biases: [H, N, N] relative bias plus a [nW, 1, N, N] -100 shift mask', function()
+    local B, nW, H, N, D = 2, 4, 3, 9, 4
+    local q, k, v = rand({ B * nW, H, N, D }, 8), rand({ B * nW, H, N, D }, 9), rand({ B * nW, H, N, D }, 10)
+    local rel = rand({ H, N, N }, 11, -1, 1)
+    local labels = rand({ nW, N }, 12, 0, 3):floor()
+    local mask = T.where(labels:unsqueeze(1):ne(labels:unsqueeze(2)), -100.0, 0.0):to('float64'):unsqueeze(1)
+    local bias = rel + mask -- [nW, H, N, N]
+    -- the reference splits the merged batch as Swin does: [B, nW, H, N, D] against [nW, H, N, N]
+    local function split(t) return t:view(B, nW, H, N, D) end
+    local expected = composite(split(q), split(k), split(v), bias):view(B * nW, H, N, D)
+    S.assert_close(sdpa(q, k, v, { bias = bias }), expected, 1e-12, 1e-13)
+    -- the mask alone, broadcast over heads and tiled over the merged batch
+    expected = composite(split(q), split(k), split(v), mask):view(B * nW, H, N, D)
+    S.assert_close(sdpa(q, k, v, { bias = mask }), expected, 1e-12, 1e-13)
+    -- and a merged [B * H, N, D] batch against a per-head [H, N, N] bias
+    local qm, km, vm = q:reshape(B * nW * H, N, D), k:reshape(B * nW * H, N, D), v:reshape(B * nW * H, N, D)
+    S.assert_close(sdpa(qm, km, vm, { bias = rel }), composite(q, k, v, rel):view(B * nW * H, N, D), 1e-12, 1e-13)
+  end)
+
+  it('accepts 3-D and 2-D inputs, broadcast batch dims of k and v, and strided views', function()
+    local q, k, v = rand({ 4, 6, 5 }, 13), rand({ 4, 7, 5 }, 14), rand({ 4, 7, 2 }, 15)
+    S.assert_close(sdpa(q, k, v), composite(q, k, v), 1e-12, 1e-13)
+    S.assert_close(sdpa(q[1], k[1], v[1]), composite(q[1], k[1], v[1]), 1e-12, 1e-13)
+    local kb, vb = rand({ 1, 7, 5 }, 16), rand({ 7, 2 }, 17) -- shared keys (multi-query style)
+    S.assert_close(sdpa(q, kb, vb), composite(q, kb:expand(4, 7, 5), vb:expand(4, 7, 2)), 1e-12, 1e-13)
+    local qt = rand({ 4, 5, 6 }, 18):transpose(1, 2) -- [4, 6, 5], non-contiguous
+    local bias = S.noncontiguous(rand({ 6, 7 }, 19))
+    S.assert_close(sdpa(qt, S.noncontiguous(k), v, bias), composite(qt, k, v, bias), 1e-12, 1e-13)
+  end)
+
+  it('matches the composite across several query tiles per head', function()
+    -- Nk * D large enough that a head's queries are split into tiles of 16 rows
+    local q, k, v = rand({ 1, 2, 40, 256 }, 20), rand({ 1, 2, 1100, 256 }, 21), rand({ 1, 2, 1100, 8 }, 22)
+    local bias = rand({ 40, 1100 }, 23, -3, 3)
+    S.assert_close(sdpa(q, k, v, { bias = bias }), composite(q, k, v, bias), 1e-11, 1e-12)
+  end)
+
+  it('computes float16, bfloat16 and float32 inputs in float32', function()
+    local q, k, v = rand({ 2, 2, 7, 8 }, 24), rand({ 2, 2, 7, 8 }, 25), rand({ 2, 2, 7, 8 }, 26)
+    local bias = rand({ 7, 7 }, 27)
+    local expected = composite(q, k, v, bias)
+    local out32 = sdpa(q:to('float32'), k:to('float32'), v:to('float32'), { bias = bias:to('float32') })
+    assert.equal('float32', out32.dtype)
+    S.assert_close(out32, expected, 1e-5, 1e-6)
+    for _, dt in ipairs { 'float16', 'bfloat16' } do
+      local out = sdpa(q:to(dt), k:to(dt), v:to(dt), { bias = bias }) -- a float64 bias is converted
+      assert.equal(dt, out.dtype)
+      S.assert_close(out:to('float64'), composite(q:to(dt):to('float64'), k:to(dt):to('float64'),
+        v:to(dt):to('float64'), bias), 2e-2, 2e-2)
+    end
+  end)
+end)
+
+describe('scaled_dot_product_attention masking', function()
+  it('gives zeros, not NaN, for fully masked rows, and zero gradients through them', function()
+    local q, k, v = leaf({ 1, 2, 3, 4 }, 30), leaf({ 1, 2, 5, 4 }, 31), leaf({ 1, 2, 5, 3 }, 32)
+    local bias = T.zeros({ 2, 3, 5 }, { dtype = 'float64' })
+    bias[{ 0, 1 }]:fill_(-math.huge)           -- head 0, query 1: every key masked
+    bias[{ 1, 2, { 0, 3 } }]:fill_(-math.huge) -- head 1, query 2: keys 0..2 masked
+    local out = sdpa(q, k, v, { bias = bias })
+    S.assert_close(out[{ 0, 0, 1 }], T.zeros({ 3 }, { dtype = 'float64' }), 0, 0)
+    -- the partly masked row attends to keys 3 and 4 only
+    local kept = composite(q:detach()[{ 0, 1, { 2, 3 } }], k:detach()[{ 0, 1, { 3, 5 } }], v:detach()[{ 0, 1, { 3, 5 } }])
+    S.assert_close(out[{ 0, 1, 2 }], kept[0], 1e-12, 1e-13)
+    out:sum():backward()
+    for _, x in ipairs { q.grad, k.grad, v.grad } do
+      assert.is_true(x:isfinite():all():item())
+    end
+    S.assert_close(q.grad[{ 0, 0, 1 }], T.zeros({ 4 }, { dtype = 'float64' }), 0, 0)
+    check_grad('masked rows', function(a, b, c) return sdpa(a, b, c, { bias = bias }) end, { q, k, v })
+  end)
+
+  it('propagates NaN instead of masking it', function()
+    local q, k, v = rand({ 3, 4 }, 44), rand({ 5, 4 }, 45), rand({ 5, 2 }, 46)
+    q[1][2] = 0 / 0
+    local out = sdpa(q, k, v)
+    assert.is_true(out[1]:isnan():all():item())
+    assert.is_true(out[0]:isfinite():all():item() and out[2]:isfinite():all():item())
+    local bias = T.full({ 3, 5 }, -math.huge, { dtype = 'float64' })
+    bias[0][3] = 0 / 0 -- NaN in an otherwise fully masked row: NaN, not zeros
+    out = sdpa(rand({ 3, 4 }, 47), k, v, { bias = bias })
+    assert.is_true(out[0]:isnan():all():item())
+    S.assert_close(out[1], T.zeros({ 2 }, { dtype = 'float64' }), 0, 0)
+  end)
+
+  it('turns a boolean attn_mask (true = keep) into a 0 / -inf bias', function()
+    local q, k, v = rand({ 2, 4, 3 }, 33), rand({ 2, 6, 3 }, 34), rand({ 2, 6, 2 }, 35)
+    local keep = rand({ 4, 6 }, 36):gt(-0.3)
+    keep[2]:fill_(false) -- a fully masked row
+    local bias = T.where(keep, 0.0, -math.huge):to('float64')
+    local out = sdpa(q, k, v, keep)
+    S.assert_close(out, sdpa(q, k, v, { bias = bias }), 0, 0)
+    S.assert_close(out[{ {}, 2 }], T.zeros({ 2, 2 }, { dtype = 'float64' }), 0, 0)
+    S.assert_close(sdpa(q, k, v, { attn_mask = bias }), out, 0, 0) -- a float attn_mask is a bias
+  end)
+
+  it('is_causal keeps key j for query i when j <= i', function()
+    local q, k, v = rand({ 2, 5, 3 }, 37), rand({ 2, 5, 3 }, 38), rand({ 2, 5, 4 }, 39)
+    local keep = T.arange(5):view(5, 1):ge(T.arange(5):view(1, 5))
+    local bias = T.where(keep, 0.0, -math.huge):to('float64')
+    S.assert_close(sdpa(q, k, v, { is_causal = true }), composite(q, k, v, bias), 1e-12, 1e-13)
+  end)
+
+  it('treats a -100 Swin mask as a soft mask and follows large scores stably', function()
+    local q, k, v = rand({ 1, 3, 4 }, 40, -30, 30), rand({ 1, 5, 4 }, 41, -30, 30), rand({ 1, 5, 2 }, 42)
+    local bias = T.where(rand({ 3, 5 }, 43):gt(0), -100.0, 0.0):to('float64')
+    local out = sdpa(q, k, v, { bias = bias, scale = 1 })
+    assert.is_true(out:isfinite():all():item())
+    S.assert_close(out, composite(q, k, v, bias, 1), 1e-10, 1e-12)
+  end)
+end)
+
+describe('scaled_dot_product_attention gradients', function()
+  it('passes gradcheck for q, k, v and a per-head bias', function()
+    local q, k, v = leaf({ 2, 2, 3, 4 }, 50), leaf({ 2, 2, 5, 4 }, 51), leaf({ 2, 2, 5, 3 }, 52)
+    local bias = leaf({ 2, 3, 5 }, 53)
+    check_grad('sdpa', function(a, b, c, d) return sdpa(a, b, c, { bias = d }) end, { q, k, v, bias })
+  end)
+
+  it('passes gradcheck for a tiled window mask [nW, 1, N, N] and a key-padding bias [B, 1, 1, Nk]', function()
+    local q, k, v = leaf({ 4, 2, 3, 2 }, 54), leaf({ 4, 2, 3, 2 }, 55), leaf({ 4, 2, 3, 2 }, 56)
+    local windows = leaf({ 2, 1, 3, 3 }, 57)
+    check_grad('sdpa window bias', function(a, b, c, d) return sdpa(a, b, c, { bias = d }) end, { q, k, v, windows })
+    local pad = leaf({ 4, 1, 1, 3 }, 58)
+    check_grad('sdpa padding bias', function(a, b, c, d) return sdpa(a, b, c, { bias = d, scale = 0.7 }) end,
+      { q, k, v, pad })
+  end)
+
+  it('passes gradcheck on non-contiguous inputs and a full [B, H, Nq, Nk] bias', function()
+    local q = leaf({ 4, 2, 3, 2 }, 59)
+    local k = S.noncontiguous(rand({ 4, 2, 4, 2 }, 60)):requires_grad_()
+    local v = rand({ 4, 2, 3, 4 }, 61):transpose(-2, -1):requires_grad_() -- [4, 2, 4, 3]
+    local bias = leaf({ 4, 2, 3, 4 }, 62) -- 8 bias blocks: one per head
+    check_grad('sdpa strided', function(a, b, c, d) return sdpa(a, b, c, { bias = d }) end, { q, k, v, bias })
+  end)
+
+  it('passes gradcheck with k and v broadcast over the batch (shared keys)', function()
+    local q, k, v = leaf({ 2, 3, 3, 2 }, 67), leaf({ 1, 3, 4, 2 }, 68), leaf({ 4, 3 }, 69)
+    check_grad('sdpa shared keys', function(a, b, c) return sdpa(a, b, c) end, { q, k, v })
+  end)
+
+  it('gives gradients only to the inputs that require them', function()
+    local q, k, v = rand({ 2, 3, 4 }, 63), leaf({ 2, 5, 4 }, 64), rand({ 2, 5, 3 }, 65)
+    local bias = leaf({ 3, 5 }, 66)
+    local out = sdpa(q, k, v, { bias = bias })
+    assert.equal('scaled_dot_product_attention', out.grad_fn)
+    out:sum():backward()
+    assert.is_nil(q.grad)
+    assert.is_nil(v.grad)
+    assert.same({ 2, 5, 4 }, k.grad.shape)
+    assert.same({ 3, 5 }, bias.grad.shape)
+    check_grad('sdpa bias only', function(b) return sdpa(q, k:detach(), v, { bias = b }) end, { bias })
+  end)
+
+  it('matches the composite gradients on larger shapes, tiled queries and float32', function()
+    local function leaves(dtype, seed, shapes)
+      local out = {}
+      for i, s in ipairs(shapes) do out[i] = rand(s, seed + i):to(dtype):requires_grad_() end
+      return out
+    end
+    local fused = function(a, b, c, d) return sdpa(a, b, c, { bias = d }) end
+    local inputs = leaves('float64', 70, { { 2, 3, 17, 8 }, { 2, 3, 17, 8 }, { 2, 3, 17, 8 }, { 3, 17, 17 } })
+    compare_with_composite(inputs, fused, composite, 1e-11)
+    inputs = leaves('float64', 75, { { 1, 1, 40, 200 }, { 1, 1, 1400, 200 }, { 1, 1, 1400, 5 }, { 1, 1400 } })
+    compare_with_composite(inputs, fused, composite, 1e-10)
+    inputs = leaves('float32', 80, { { 2, 2, 9, 4 }, { 2, 2, 11, 4 }, { 2, 2, 11, 6 }, { 1, 1, 9, 11 } })
+    compare_with_composite(inputs, fused, composite, 1e-5)
+  end)
+
+  it('notices an output modified in place before backward', function()
+    local q, k, v = leaf({ 2, 3, 4 }, 90), leaf({ 2, 3, 4 }, 91), leaf({ 2, 3, 4 }, 92)
+    local out = sdpa(q, k, v)
+    T.no_grad(function() out:add_(1) end)
+    S.assert_error(function() out:sum():backward() end, 'modified by an in-place operation')
+  end)
+end)
+
+describe('scaled_dot_product_attention errors', function()
+  local q, k, v = rand({ 2, 3, 4, 8 }, 100), rand({ 2, 3, 5, 8 }, 101), rand({ 2, 3, 5, 6 }, 102)
+
+  it('names mismatched embedding sizes and key counts', function()
+    S.assert_error(function() sdpa(q, rand({ 2, 3, 5, 7 }, 103), v) end,
+      'scaled_dot_product_attention', 'same last dim', '[2,3,4,8]', '[2,3,5,7]')
+    S.assert_error(function() sdpa(q, k, rand({ 2, 3, 6, 6 }, 104)) end, 'number of keys', '[2,3,6,6]')
+    S.assert_error(function() sdpa(q, rand({ 3, 3, 5, 8 }, 105), v) end, 'batch dims', 'do not broadcast')
+    S.assert_error(function() sdpa(rand({ 8 }, 106), k, v) end, 'at least 2 dims')
+  end)
+
+  it('names a bias that does not broadcast to the scores', function()
+    S.assert_error(function() sdpa(q, k, v, { bias = rand({ 4, 4 }, 107) }) end,
+      'bias [4,4] is not broadcastable to the attention scores [2,3,4,5]', 'number of keys')
+    S.assert_error(function() sdpa(q, k, v, { bias = rand({ 2, 5 }, 108) }) end, 'number of queries')
+    S.assert_error(function() sdpa(q, k, v, { bias = rand({ 2, 2, 4, 5 }, 109) }) end, 'bias [2,2,4,5]', 'divide')
+    S.assert_error(function() sdpa(q, k, v, { bias = rand({ 2, 1, 1, 4, 5 }, 110) }) end, 'more batch dims')
+  end)
+
+  it('names bad dtypes and options', function()
+    S.assert_error(function() sdpa(q, k:to('float32'), v) end, 'one floating dtype', 'float64, float32')
+    S.assert_error(function() sdpa(q:to('int64'), k:to('int64'), v:to('int64')) end, 'one floating dtype')
+    S.assert_error(function() sdpa(q, k, v, { bias = T.zeros({ 4, 5 }, { dtype = 'int32' }) }) end,
+      'floating bias or a boolean keep-mask', 'int32')
+    S.assert_error(function() sdpa(q, k, v, { mask = q }) end, "unknown option 'mask'", 'attn_mask')
+    S.assert_error(function() sdpa(q, k, v, { dropout_p = 0.1 }) end, 'dropout_p')
+    S.assert_error(function() sdpa(q, k, v, { is_causal = true, bias = rand({ 4, 5 }, 111) }) end, 'is_causal')
+    S.assert_error(function() sdpa(q, k, v, { bias = q, attn_mask = q }) end, 'not both')
+  end)
+end)
