@@ -19,6 +19,8 @@ static const char *USAGE =
     "\n"
     "commands:\n"
     "  run FILE.lua [ARGS...]   run a Lua script with `require 'tessera'` available\n"
+    "  parity FILE... [--device cuda] [--quiet]\n"
+    "                           check against reference files of the official UM-MAE code\n"
     "  --version                print the version\n"
     "  --help                   print this help\n";
 
@@ -61,15 +63,32 @@ static int traceback(lua_State *L) {
   return 1;
 }
 
-static int run_file(lua_State *L, const char *file, int argc, char **argv) {
-  lua_createtable(L, argc, 1); /* arg: [0] = script, [1..] = its arguments */
-  lua_pushstring(L, file);
+/* Sets the global `arg`: [0] = name, [1..] = the arguments. */
+static void set_args(lua_State *L, const char *name, int argc, char **argv) {
+  lua_createtable(L, argc, 1);
+  lua_pushstring(L, name);
   lua_rawseti(L, -2, 0);
   for (int i = 0; i < argc; i++) {
     lua_pushstring(L, argv[i]);
     lua_rawseti(L, -2, i + 1);
   }
   lua_setglobal(L, "arg");
+}
+
+/* Runs a built-in command written in Lua: `code` sees the arguments in `arg` and returns true
+   for success. */
+static int run_builtin(lua_State *L, const char *name, const char *code, int argc, char **argv) {
+  set_args(L, name, argc, argv);
+  /* errors here are about the user's input and already name the problem: no traceback */
+  if (luaL_loadstring(L, code) != 0 || lua_pcall(L, 0, 1, 0) != 0) {
+    fprintf(stderr, "tessera %s: %s\n", name, lua_tostring(L, -1));
+    return 1;
+  }
+  return lua_toboolean(L, -1) ? 0 : 1;
+}
+
+static int run_file(lua_State *L, const char *file, int argc, char **argv) {
+  set_args(L, file, argc, argv);
   lua_pushcfunction(L, traceback);
   if (luaL_loadfile(L, file) != 0) {
     fprintf(stderr, "tessera: %s\n", lua_tostring(L, -1));
@@ -92,8 +111,12 @@ int main(int argc, char **argv) {
     printf("tessera %s\n", TESSERA_VERSION);
     return 0;
   }
-  if (strcmp(argv[1], "run") != 0 || argc < 3) {
-    fprintf(stderr, "tessera: unknown command '%s'\n\n%s", argv[1], USAGE);
+  int is_run = !strcmp(argv[1], "run"), is_parity = !strcmp(argv[1], "parity");
+  if ((!is_run && !is_parity) || argc < 3) {
+    if (is_run || is_parity)
+      fprintf(stderr, "tessera %s: missing file\n\n%s", argv[1], USAGE);
+    else
+      fprintf(stderr, "tessera: unknown command '%s'\n\n%s", argv[1], USAGE);
     return 2;
   }
   lua_State *L = luaL_newstate();
@@ -103,7 +126,8 @@ int main(int argc, char **argv) {
   }
   luaL_openlibs(L);
   set_package_path(L);
-  int status = run_file(L, argv[2], argc - 3, argv + 3);
+  int status = is_run ? run_file(L, argv[2], argc - 3, argv + 3)
+                      : run_builtin(L, "parity", "return require('tessera.parity').main(arg)", argc - 2, argv + 2);
   lua_close(L);
   return status;
 }

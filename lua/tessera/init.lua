@@ -18,5 +18,6 @@ require 'tessera.spatial'
 require 'tessera.optim'
 require 'tessera.attention'
 require 'tessera.nn'
+require 'tessera.models'
 core.finish_metatype()
 return core.T

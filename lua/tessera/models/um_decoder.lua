@@ -11,6 +11,15 @@ local D = {}
 function D.build(model, a, enc_dim, eps, mlp_ratio)
   local dim = a.decoder_embed_dim
   local grid = a.img_size / a.stride
+  -- PixelShuffle(2) must turn the encoder's last grid into one token per 2x2 group of patches:
+  -- the compact input (half the token grid) is halved at every stage after the first
+  local stages = #(a.depths)
+  local latent = a.img_size / a.patch_size / 2 / 2 ^ (stages - 1)
+  if latent * 2 ~= grid / 2 or latent ~= math.floor(latent) then
+    error(string.format('%s: with %d stages the encoder ends on a %gx%g grid, but the decoder needs %gx%g '
+      .. '(half the %gx%g grid of 2x2 patch groups); the official models use 4 stages with patch_size * 8 = 2 * stride',
+      model.__name, stages, latent, latent, grid / 4, grid / 4, grid / 2, grid / 2), 3)
+  end
   model.decoder_embed = nn.Linear(enc_dim, 4 * dim)
   model.mask_token = nn.Parameter(T.zeros(1, 1, dim))
   model.decoder_pos_embed = nn.Parameter(T.zeros(1, grid * grid, dim), false)
