@@ -22,6 +22,7 @@
 -- generator state gives the same masks on every device.
 local core = require 'tessera.core'
 require 'tessera.image'
+local Canvas = require 'tessera.canvas'
 local ffi, C, T = core.ffi, core.C, core.T
 local wrap, handle, check = core.wrap, core.handle, core.check
 
@@ -313,63 +314,6 @@ local function masked_pixels(planes, hh, ww, removed, secondary, gh, gw, what)
   end
 end
 
-local function to_byte(v)
-  if v ~= v or v <= 0 then return 0 end
-  if v >= 1 then return 255 end
-  return math.floor(v * 255 + 0.5)
-end
-
--- A 5x7 bitmap font (rows top down, bit 4 = leftmost column) for figure labels; lower case is
--- drawn in capitals, characters outside it as '?'.
-local FONT = {
-  ['0'] = '0E11131519110E', ['1'] = '040C040404040E', ['2'] = '0E11010204081F',
-  ['3'] = '1F02040201110E', ['4'] = '02060A121F0202', ['5'] = '1F101E0101110E',
-  ['6'] = '0608101E11110E', ['7'] = '1F010204080808', ['8'] = '0E11110E11110E',
-  ['9'] = '0E11110F01020C', A = '0E1111111F1111', B = '1E11111E11111E', C = '0E11101010110E',
-  D = '1C12111111121C', E = '1F10101E10101F', F = '1F10101E101010', G = '0E11101711110F',
-  H = '1111111F111111', I = '0E04040404040E', J = '0702020202120C', K = '11121418141211',
-  L = '1010101010101F', M = '111B1515111111', N = '11111915131111', O = '0E11111111110E',
-  P = '1E11111E101010', Q = '0E11111115120D', R = '1E11111E141211', S = '0F10100E01011E',
-  T = '1F040404040404', U = '1111111111110E', V = '11111111110A04', W = '1111111515150A',
-  X = '11110A040A1111', Y = '1111110A040404', Z = '1F01020408101F', [' '] = '00000000000000',
-  ['.'] = '00000000000C0C', [','] = '000000000C0408', ['-'] = '0000001F000000', ['_'] = '0000000000001F',
-  [':'] = '000C0C000C0C00', ['('] = '02040808080402', [')'] = '08040202020408', ['%'] = '18190204081303',
-  ['/'] = '00010204081000', ['+'] = '0004041F040400', ['='] = '00001F001F0000', ['?'] = '0E110102040004',
-  ['#'] = '0A0A1F0A1F0A0A', ["'"] = '04040800000000',
-}
-local GLYPH_W, GLYPH_H = 5, 7
-
-local function glyph_rows(ch)
-  local code = FONT[ch] or FONT[ch:upper()] or FONT['?']
-  local rows = {}
-  for r = 1, GLYPH_H do rows[r] = tonumber(code:sub(2 * r - 1, 2 * r), 16) end
-  return rows
-end
-
--- Draws `text` centred in the box [x0, x0 + width) x [y0, y0 + GLYPH_H * scale) of an RGB byte
--- canvas, cut at the box's width.
-local function draw_text(canvas, cw, text, x0, y0, width, scale)
-  local advance = (GLYPH_W + 1) * scale
-  local fits = math.max(0, math.floor((width + scale) / advance))
-  text = text:sub(1, fits)
-  local left = x0 + math.floor((width - (#text * advance - scale)) / 2)
-  for i = 1, #text do
-    local rows = glyph_rows(text:sub(i, i))
-    for r = 1, GLYPH_H do
-      for c = 0, GLYPH_W - 1 do
-        if bit.band(rows[r], bit.lshift(1, GLYPH_W - 1 - c)) ~= 0 then
-          for dy = 0, scale - 1 do
-            for dx = 0, scale - 1 do
-              local o = ((y0 + (r - 1) * scale + dy) * cw + left + (i - 1) * advance + c * scale + dx) * 3
-              canvas[o], canvas[o + 1], canvas[o + 2] = 0, 0, 0
-            end
-          end
-        end
-      end
-    end
-  end
-end
-
 local GAP = 2  -- white pixels between panels
 
 -- Writes a PNG of the image shown under each mask side by side (the UM-MAE paper's Fig. 4):
@@ -396,23 +340,21 @@ function masks.render(path, img, mask_list, opts)
       label = labels[i] ~= nil and tostring(labels[i]) or default }
   end
   local scale = math.max(1, math.floor(hh / 128))
-  local strip = opts.labels == false and 0 or (GLYPH_H + 4) * scale
-  local cw, ch = #panels * ww + (#panels - 1) * GAP, hh + strip
-  local out = T.full({ ch, cw, 3 }, 255, { dtype = 'uint8' })
-  local canvas = ffi.cast('uint8_t *', out:data_ptr())
+  local strip = opts.labels == false and 0 or (Canvas.GLYPH_H + 4) * scale
+  local canvas = Canvas.new(#panels * ww + (#panels - 1) * GAP, hh + strip)
+  local byte = Canvas.byte
   for p, panel in ipairs(panels) do
     local x0 = (p - 1) * (ww + GAP)
     for y = 0, hh - 1 do
       for x = 0, ww - 1 do
         local r, g, b = panel.pixel(y, x)
-        local o = (y * cw + x0 + x) * 3
-        canvas[o], canvas[o + 1], canvas[o + 2] = to_byte(r), to_byte(g), to_byte(b)
+        canvas:set(x0 + x, y, byte(r), byte(g), byte(b))
       end
     end
-    if strip > 0 then draw_text(canvas, cw, panel.label, x0, hh + 2 * scale, ww, scale) end
+    if strip > 0 then canvas:text(panel.label, x0, hh + 2 * scale, scale, ww, 'center') end
   end
-  T.image.write_png(path, out)
-  return path, out
+  canvas:save(path)
+  return path, canvas.tensor
 end
 
 -- The masked image as 24-bit colour text: every character '▀' shows two pixel rows (foreground
@@ -439,7 +381,7 @@ function masks.show_string(img, m, opts)
       end
     end
     local n = (math.min(y1, hh) - y0) * (math.min(x1, ww) - x0)
-    return to_byte(r / n), to_byte(g / n), to_byte(b / n)
+    return Canvas.byte(r / n), Canvas.byte(g / n), Canvas.byte(b / n)
   end
   local lines = {}
   for line = 0, rows / 2 - 1 do
