@@ -1,0 +1,132 @@
+-- tessera.pretrain — the masked-image-modeling training loop the pre-training recipes share
+-- (MAE's main_pretrain.py / engine_pretrain.py): data, per-batch masks, AdamW with a per-iteration
+-- warm-up + cosine schedule, gradient accumulation, checkpoints and exact resume, a held-out
+-- reconstruction loss at step 0 and at the end, and the final pictures.
+--
+-- A recipe supplies a `method` table:
+--   method.build(cfg)               → the model
+--   method.masks(cfg, n, generator) → the batch's mask [n, L] (1 = removed)
+--   method.step(model, imgs, mask, generator) → loss, removed_pred ([n, R, p*p*3], raster order of
+--                                     the removed patches) — `generator` feeds any further masking
+--   method.patch(cfg)               → the loss patch size in pixels
+local T = require 'tessera'
+local V = require 'tessera.visualize'
+local clock = require('tessera.bench').now
+
+local P = {}
+
+-- The datasets a recipe can name: 'fashion-mnist' (Debian's dataset-fashion-mnist), an
+-- ImageFolder directory, or 'list:ROOT:FILE' (official IN1K/train.txt style).
+local FASHION = '/usr/share/datasets/fashion-mnist/'
+
+function P.dataset(spec, split)
+  if spec == 'fashion-mnist' then
+    local prefix = split == 'test' and 't10k' or 'train'
+    local images, labels = FASHION .. prefix .. '-images-idx3-ubyte.gz', FASHION .. prefix .. '-labels-idx1-ubyte.gz'
+    local f = io.open(images)
+    if not f then
+      error('pretrain: Fashion-MNIST is not installed (' .. images .. '); run: apt-get install dataset-fashion-mnist', 0)
+    end
+    f:close()
+    return T.data.IDX(images, labels)
+  end
+  local root, list = spec:match('^list:([^:]+):(.+)$')
+  if root then return T.data.FileList(root, list) end
+  return T.data.ImageFolder(spec)
+end
+
+-- Base learning rate scaled by the effective batch, as MAE: lr = blr * eff_batch / 256.
+function P.learning_rate(cfg)
+  if cfg.lr and cfg.lr > 0 then return cfg.lr end
+  return cfg.blr * cfg.batch_size * cfg.accum_iter / 256
+end
+
+-- A fixed held-out batch and its masks, evaluated the same way every time.
+local function held_out(cfg, method)
+  local ds = P.dataset(cfg.data, cfg.eval_split)
+  local loader = T.data.Loader(ds, { batch_size = cfg.eval_size, image_size = cfg.input_size, seed = cfg.seed + 1,
+    num_workers = 1, shuffle = false, drop_last = false, scale = { 1, 1 }, ratio = { 1, 1 }, hflip = 0 })
+  loader:set_epoch(0)
+  local imgs
+  for batch in loader:iter() do imgs = batch; break end
+  local g = T.Generator(cfg.seed + 2)
+  local mask = method.masks(cfg, imgs:size(0), g)
+  return function(model)
+    local was_training = model.training
+    model:eval()
+    local loss, pred = T.no_grad(function() return method.step(model, imgs, mask, T.Generator(cfg.seed + 3)) end)
+    model:train(was_training)
+    return loss:item(), imgs, mask, pred
+  end
+end
+
+function P.train(cfg, run, method)
+  local model = method.build(cfg)
+  local lr = P.learning_rate(cfg)
+  local groups = T.optim.param_groups_weight_decay(model, cfg.weight_decay)
+  local optimizer = T.optim.AdamW(groups, { lr = lr, betas = { 0.9, 0.95 } })
+  local schedule = T.optim.lr_schedule.cosine_warmup{ base_lr = lr, min_lr = cfg.min_lr,
+    warmup_epochs = cfg.warmup_epochs, epochs = cfg.epochs }
+  local loader = T.data.Loader(P.dataset(cfg.data, 'train'), { batch_size = cfg.batch_size,
+    image_size = cfg.input_size, seed = cfg.seed, num_workers = cfg.num_workers, drop_last = true })
+  local iters = loader:num_batches()
+  if cfg.max_iters_per_epoch > 0 then iters = math.min(iters, cfg.max_iters_per_epoch) end
+  local evaluate = held_out(cfg, method)
+  local accum = T.optim.Accumulator(optimizer, cfg.accum_iter, { max_norm = cfg.clip_grad > 0 and cfg.clip_grad or nil })
+
+  local state = run:resume(model, optimizer, loader) or {}
+  local extra = state.extra or {}
+  local start_epoch, start_iter = state.epoch or 0, state.iter or 0
+  local losses = extra.losses or { x = {}, y = {} }
+  local loss0 = extra.loss0
+  if not loss0 then loss0 = evaluate(model) end
+  run:log{ event = 'start', held_out_loss = loss0, lr = lr, params = model:num_parameters(true) }
+
+  local step, started = start_epoch * iters + start_iter, clock()
+  local images_seen = 0
+  for epoch = start_epoch, cfg.epochs - 1 do
+    loader:set_epoch(epoch)
+    local it = 0
+    for imgs in loader:iter() do
+      if it >= iters then break end
+      if epoch > start_epoch or it >= start_iter then
+        if it % cfg.accum_iter == 0 then T.optim.adjust_learning_rate(optimizer, epoch + it / iters, schedule) end
+        local mask = method.masks(cfg, imgs:size(0))
+        local loss = method.step(model, imgs, mask)
+        local value = loss:item()
+        run:check_loss(value, step)
+        accum:backward(loss / cfg.accum_iter)
+        step, images_seen = step + 1, images_seen + imgs:size(0)
+        losses.x[#losses.x + 1], losses.y[#losses.y + 1] = step, value
+        local current_lr = optimizer.param_groups[1].lr
+        run:progress{ epoch = epoch + 1, epochs = cfg.epochs, iter = it + 1, iters = iters, loss = value, lr = current_lr,
+          images_per_s = images_seen / math.max(clock() - started, 1e-9) }
+        if step % cfg.log_every == 0 then run:log{ epoch = epoch, iter = it, step = step, loss = value, lr = current_lr } end
+        if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 then
+          run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = epoch, iter = it + 1,
+            extra = { loss0 = loss0, losses = losses } }
+        end
+      end
+      it = it + 1
+    end
+    start_iter = 0
+  end
+  run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = cfg.epochs, iter = 0,
+    extra = { loss0 = loss0, losses = losses } }
+
+  local final, imgs, mask, pred = evaluate(model)
+  local seconds = clock() - started
+  run:log{ event = 'end', held_out_loss = final, held_out_loss_at_step0 = loss0, ratio = final / loss0, steps = step,
+    seconds = seconds }
+  local curve = run.output_dir .. '/loss_curve.png'
+  V.loss_curve(curve, { { name = 'train loss', x = losses.x, y = losses.y } },
+    { title = cfg.title or 'pre-training loss', xlabel = 'iteration' })
+  local grid = run.output_dir .. '/reconstructions.png'
+  V.reconstruction_grid(grid, imgs, mask, pred, { patch = method.patch(cfg), norm_pix = cfg.norm_pix_loss })
+  run:summary(string.format('%s: %d steps in %.0f s (%.1f images/s); held-out loss %.4f at step 0 -> %.4f (%.2fx); %s, %s',
+    cfg.title or 'pre-training', step, seconds, images_seen / math.max(seconds, 1e-9), loss0, final, final / loss0,
+    curve, grid))
+  return { loss0 = loss0, final = final, steps = step }
+end
+
+return P

@@ -1,0 +1,64 @@
+-- MAE pre-training of a plain ViT with the sampling strategies of the UM-MAE paper's Table 1:
+-- random (RS, MAE), grid-wise (GS), uniform (US) and uniform masking (UM = US + secondary masking).
+--   tessera run recipes/pretrain_mae.lua --sampling um --data /path/to/imagenet/train
+local T = require 'tessera'
+local pretrain = require 'tessera.pretrain'
+
+local SAMPLINGS = { rs = true, gs = true, us = true, um = true }
+
+local method = {}
+
+local function check(cfg)
+  if not SAMPLINGS[cfg.sampling] then error('pretrain_mae: sampling must be rs, gs, us or um, got ' .. cfg.sampling, 0) end
+end
+
+function method.build(cfg)
+  check(cfg)
+  local kw = { img_size = cfg.input_size, norm_pix_loss = cfg.norm_pix_loss,
+    vis_mask_ratio = cfg.sampling == 'um' and cfg.vis_mask_ratio or 0, mask_ratio = cfg.mask_ratio }
+  if cfg.model == 'vit_micro' then
+    kw.patch_size, kw.embed_dim, kw.depth, kw.num_heads = 8, 64, 4, 4
+    kw.decoder_embed_dim, kw.decoder_depth, kw.decoder_num_heads = 64, 1, 2
+    kw.norm_layer = { type = 'LayerNorm', eps = 1e-6 }
+    return T.models.MaskedAutoencoderViT(kw)
+  end
+  if cfg.model ~= 'vit_base' then error('pretrain_mae: unknown model ' .. cfg.model .. ' (vit_base, vit_micro)', 0) end
+  return T.models.create('mae_vit_base_patch16', kw)
+end
+
+function method.patch(cfg) return cfg.model == 'vit_micro' and 8 or 16 end
+
+function method.masks(cfg, n, generator)
+  local side = cfg.input_size / method.patch(cfg)
+  if cfg.sampling == 'rs' then
+    return T.masks.random(n, side, side, { ratio = cfg.mask_ratio, generator = generator }).mask
+  elseif cfg.sampling == 'gs' then
+    return T.masks.grid(n, side, side, { generator = generator }).mask
+  end
+  return T.masks.uniform(n, side, side, { generator = generator }).mask
+end
+
+-- the ViT decoder returns visible rows then removed rows, each in raster order
+function method.step(model, imgs, mask, generator)
+  local loss, pred = model(imgs, mask, { generator = generator })
+  local removed = mask[0]:to('int64'):sum():item()
+  return loss, pred:narrow(1, pred:size(1) - removed, removed)
+end
+
+return {
+  description = 'MAE pre-training of a ViT with random, grid-wise, uniform or uniform-masking sampling',
+  defaults = {
+    model = 'vit_base', sampling = 'rs', data = 'fashion-mnist', eval_split = 'test', input_size = 224,
+    batch_size = 64, accum_iter = 1, epochs = 200, warmup_epochs = 10, blr = 1.5e-4, lr = 0, min_lr = 0,
+    weight_decay = 0.05, clip_grad = 0, mask_ratio = 0.75, vis_mask_ratio = 0.25, norm_pix_loss = true,
+    num_workers = 2, seed = 0, log_every = 20, checkpoint_every = 500, max_iters_per_epoch = 0, eval_size = 16,
+  },
+  presets = {
+    tiny = { model = 'vit_micro', input_size = 64, batch_size = 32, epochs = 4, warmup_epochs = 1, blr = 1.5e-3,
+      max_iters_per_epoch = 300, checkpoint_every = 200, log_every = 10 },
+  },
+  main = function(cfg, run)
+    cfg.title = 'MAE ' .. cfg.model .. ' ' .. cfg.sampling:upper()
+    return pretrain.train(cfg, run, method)
+  end,
+}

@@ -1,0 +1,53 @@
+-- SimMIM pre-training of Swin or PVT: mask tokens in the full-size encoder, L1 loss on the raw
+-- pixels of the masked patches (the UM-MAE paper's SimMIM baseline).
+--   tessera run recipes/pretrain_simmim.lua --model swin_tiny --data /path/to/imagenet/train
+local T = require 'tessera'
+local pretrain = require 'tessera.pretrain'
+local L = require 'tessera.models.layers'
+
+local MODELS = { swin_tiny = 'simmim_swin_tiny_256', pvt_small = 'simmim_pvt_small_256' }
+
+local method = {}
+
+function method.build(cfg)
+  if cfg.model == 'swin_micro' then
+    return T.models.SimMIMSwin{ img_size = cfg.input_size, patch_size = 2, stride = 8, embed_dim = 32,
+      depths = { 2, 2, 2, 2 }, num_heads = { 1, 2, 4, 8 }, window_size = 4, posmlp_dim = 16, mlp_ratio = 4,
+      norm_layer = { type = 'LayerNorm', eps = 1e-6 }, norm_pix_loss = cfg.norm_pix_loss }
+  end
+  local name = MODELS[cfg.model]
+  if not name then error('pretrain_simmim: unknown model ' .. cfg.model .. ' (swin_tiny, pvt_small, swin_micro)', 0) end
+  return T.models.create(name, { img_size = cfg.input_size, norm_pix_loss = cfg.norm_pix_loss })
+end
+
+function method.patch(cfg) return cfg.model == 'swin_micro' and 8 or 16 end
+
+-- SimMIM's generator: random blocks of mask_patch_size pixels covering `mask_ratio` of the image
+function method.masks(cfg, n, generator)
+  return T.masks.simmim(n, { input_size = cfg.input_size, mask_patch_size = cfg.mask_patch_size,
+    model_patch_size = method.patch(cfg), ratio = cfg.mask_ratio, generator = generator }).mask
+end
+
+function method.step(model, imgs, mask)
+  local loss, pred = model(imgs, mask)
+  local order, visible = L.visible_first(mask)
+  return loss, L.take_rows(pred, order:narrow(1, visible, mask:size(1) - visible))
+end
+
+return {
+  description = 'SimMIM pre-training (mask tokens in the full encoder, L1 loss) of Swin or PVT',
+  defaults = {
+    model = 'swin_tiny', data = 'fashion-mnist', eval_split = 'test', input_size = 256,
+    batch_size = 64, accum_iter = 1, epochs = 200, warmup_epochs = 10, blr = 1.5e-4, lr = 0, min_lr = 0,
+    weight_decay = 0.05, clip_grad = 0, mask_ratio = 0.6, mask_patch_size = 32, norm_pix_loss = false,
+    num_workers = 2, seed = 0, log_every = 20, checkpoint_every = 500, max_iters_per_epoch = 0, eval_size = 16,
+  },
+  presets = {
+    tiny = { model = 'swin_micro', input_size = 64, mask_patch_size = 16, batch_size = 32, epochs = 4,
+      warmup_epochs = 1, blr = 1.5e-3, max_iters_per_epoch = 300, checkpoint_every = 200, log_every = 10 },
+  },
+  main = function(cfg, run)
+    cfg.title = 'SimMIM ' .. cfg.model
+    return pretrain.train(cfg, run, method)
+  end,
+}
