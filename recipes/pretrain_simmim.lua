@@ -42,6 +42,9 @@ return {
     weight_decay = 0.05, clip_grad = 0, mask_ratio = 0.6, mask_patch_size = 32, norm_pix_loss = false,
     num_workers = 2, seed = 0, log_every = 20, checkpoint_every = 500, max_iters_per_epoch = 0, eval_size = 16,
   },
+  types = { lr = 'number', min_lr = 'number', clip_grad = 'number', blr = 'number', weight_decay = 'number' },
+  model_keys = { 'model', 'input_size' },
+  choices = { model = { 'swin_tiny', 'pvt_small', 'swin_micro' } },
   presets = {
     tiny = { model = 'swin_micro', input_size = 64, mask_patch_size = 16, batch_size = 32, epochs = 4,
       warmup_epochs = 1, blr = 1.5e-3, max_iters_per_epoch = 300, checkpoint_every = 200, log_every = 10 },

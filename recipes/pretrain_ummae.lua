@@ -56,6 +56,9 @@ return {
     weight_decay = 0.05, clip_grad = 0, vis_mask_ratio = 0.25, norm_pix_loss = true, decoder_pos = 'official',
     num_workers = 2, seed = 0, log_every = 20, checkpoint_every = 500, max_iters_per_epoch = 0, eval_size = 16,
   },
+  types = { lr = 'number', min_lr = 'number', clip_grad = 'number', blr = 'number', weight_decay = 'number' },
+  model_keys = { 'model', 'input_size' },
+  choices = { model = { 'swin_tiny', 'swin_large', 'pvt_small', 'vit_base', 'swin_micro' }, decoder_pos = { 'official', 'corrected' } },
   presets = {
     -- the README's main job: a small Swin on Fashion-MNIST, about 10 minutes on 2 cores
     tiny = { model = 'swin_micro', input_size = 64, batch_size = 32, epochs = 4, warmup_epochs = 1, blr = 1.5e-3,

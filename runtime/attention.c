@@ -2,10 +2,9 @@
  *
  * The backend sees every operand as (batch·head) blocks: q, k, v converted to the compute dtype,
  * broadcast over the joint leading dims and made contiguous [BH, rows, cols]. The bias is not
- * copied: it reaches the kernel as a strided view [E..., Nq, Nk] whose leading dims E enumerate the
- * BH blocks row-major. E is the leading shape of the scores with every merged dim that the bias
- * tiles (a bias dim b against a scores dim m·b) split into [m, b]; the bias strides are 0 along
- * the dims it broadcasts over.
+ * copied: it reaches the kernel as a strided view [E..., Nq, Nk] whose leading dims E are those of
+ * the scores (they enumerate the BH blocks row-major), with stride 0 along the dims the bias
+ * broadcasts over.
  *
  * One node records the whole op. It saves the prepared blocks, the bias view, the output and the
  * per-row log-sum-exp; backward recomputes the probabilities from them (no [Nq, Nk] matrix is kept
@@ -22,8 +21,9 @@ typedef struct {
   int64_t lead[TS_MAX_DIMS];
   int64_t heads; /* their product: the number of blocks */
   int64_t nq, nk, d, dv;
-  /* the bias against E: its dim along each E dim, -1 where it broadcasts (there its gradient
-     is summed over E's dim; elsewhere each index has a bias block of its own) */
+  /* the bias against E (the scores' leading dims): its dim along each E dim, -1 where it
+     broadcasts (there its gradient is summed over E's dim; elsewhere each index has a bias block
+     of its own) */
   int nblock;
   int64_t block[TS_MAX_DIMS];
   int bias_dim[TS_MAX_DIMS];
@@ -95,42 +95,25 @@ static int bias_mismatch(const attn_shape *s, const ts_tensor *bias, const char 
                       ts_tshape(bias), ts_shape_str(s->nlead + 2, scores), why);
 }
 
-/* Aligns the bias's leading dims with the scores' from the right: equal sizes match, a 1
-   broadcasts, and a size b dividing a scores dim m·b tiles it (E gets [m, b] there). E is built
-   from its last dim backwards in the tail of `block` and `bias_dim`, then moved to the front. */
+/* Aligns the bias's leading dims with the scores' from the right, by the usual broadcasting rules:
+   each dim equals the scores' or is 1 (then its stride is 0 and its gradient is summed over that
+   dim); missing dims count as 1. */
 static int align_bias(attn_shape *s, const ts_tensor *bias) {
   int nb = bias->ndim, nblead = nb > 2 ? nb - 2 : 0;
   if (nb >= 1 && bias->shape[nb - 1] != 1 && bias->shape[nb - 1] != s->nk)
     return bias_mismatch(s, bias, "its last dim must be the number of keys or 1");
   if (nb >= 2 && bias->shape[nb - 2] != 1 && bias->shape[nb - 2] != s->nq)
     return bias_mismatch(s, bias, "its dim -2 must be the number of queries or 1");
-  int64_t block[2 * TS_MAX_DIMS];
-  int bias_dim[2 * TS_MAX_DIMS], at = 2 * TS_MAX_DIMS, j = nblead - 1;
+  int j = nblead - 1;
   for (int i = s->nlead - 1; i >= 0; i--, j--) {
     int64_t a = s->lead[i], b = j >= 0 ? bias->shape[j] : 1;
-    if (b == a || b == 1) {
-      at--;
-      block[at] = a;
-      bias_dim[at] = b == a && a != 1 ? j : -1;
-    } else if (b > 1 && a > b && a % b == 0) { /* a merged dim [m·b] that the bias repeats over */
-      at -= 2;
-      block[at] = a / b;
-      bias_dim[at] = -1;
-      block[at + 1] = b;
-      bias_dim[at + 1] = j;
-    } else {
-      return bias_mismatch(s, bias, "each batch dim must equal the scores' dim, be 1, or divide a merged batch dim");
-    }
+    if (b != a && b != 1) return bias_mismatch(s, bias, "each batch dim must equal the scores' dim or be 1");
+    s->block[i] = a;
+    s->bias_dim[i] = b == a && a != 1 ? j : -1;
   }
   for (; j >= 0; j--)
     if (bias->shape[j] != 1) return bias_mismatch(s, bias, "it has more batch dims than the scores");
-  s->nblock = 2 * TS_MAX_DIMS - at;
-  if (s->nblock > TS_MAX_DIMS - 2)
-    return bias_mismatch(s, bias, "tiling merged batch dims gives more dims than a tensor can have");
-  for (int d = 0; d < s->nblock; d++) {
-    s->block[d] = block[at + d];
-    s->bias_dim[d] = bias_dim[at + d];
-  }
+  s->nblock = s->nlead;
   return TS_OK;
 }
 

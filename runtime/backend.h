@@ -168,6 +168,15 @@ typedef struct ts_backend {
   int (*attention_backward)(ts_tensor *dq, ts_tensor *dk, ts_tensor *dv, ts_tensor *dbias, const ts_tensor *dout,
                             const ts_tensor *q, const ts_tensor *k, const ts_tensor *v, const ts_tensor *bias,
                             const ts_tensor *out, const ts_tensor *lse, double scale);
+  /* Continuous relative position bias (ts_relative_position_bias) in the compute dtype, every tensor
+     contiguous: pos [W, C, N], w1 [P, C], b1 [P], w2 [H, P], b2 [H] (b1, b2 may be NULL), out
+     [W, H, N, N], W·N > 0. The backward recomputes the hidden layer from pos and writes those of
+     gpos [W, C, N], gw1, gb1, gw2 and gb2 (shaped as their inputs) that are not NULL from g [W, H, N, N]. */
+  int (*position_bias)(ts_tensor *out, const ts_tensor *pos, const ts_tensor *w1, const ts_tensor *b1,
+                       const ts_tensor *w2, const ts_tensor *b2);
+  int (*position_bias_backward)(ts_tensor *gpos, ts_tensor *gw1, ts_tensor *gb1, ts_tensor *gw2, ts_tensor *gb2,
+                                const ts_tensor *g, const ts_tensor *pos, const ts_tensor *w1, const ts_tensor *b1,
+                                const ts_tensor *w2);
   /* @optim (entries below this line) */
   /* Multi-tensor updates and reductions over n tensors (see ts_adamw_step and friends in
      tessera.h). The runtime has validated everything, dropped skipped tensors and hands over

@@ -1,7 +1,7 @@
 -- attention_spec.lua — T.F.scaled_dot_product_attention (the fused ts_attention op): forward
 -- against a composite of existing ops (matmul, amax, exp, sum), gradients against that composite's
--- autograd and against float64 central differences (T.gradcheck), masking, bias broadcasting and
--- tiling of merged batch dims, dtypes, and the error messages.
+-- autograd and against float64 central differences (T.gradcheck), masking, bias broadcasting,
+-- dtypes, and the error messages; then the fused Swin position bias (T.F.relative_position_bias).
 local T = require 'tessera'
 local S = require 'support'
 
@@ -72,21 +72,21 @@ describe('scaled_dot_product_attention forward', function()
 
   it('takes Swin window biases: [H, N, N] relative bias plus a [nW, 1, N, N] -100 shift mask', function()
     local B, nW, H, N, D = 2, 4, 3, 9, 4
-    local q, k, v = rand({ B * nW, H, N, D }, 8), rand({ B * nW, H, N, D }, 9), rand({ B * nW, H, N, D }, 10)
+    local q, k, v = rand({ B, nW, H, N, D }, 8), rand({ B, nW, H, N, D }, 9), rand({ B, nW, H, N, D }, 10)
     local rel = rand({ H, N, N }, 11, -1, 1)
     local labels = rand({ nW, N }, 12, 0, 3):floor()
     local mask = T.where(labels:unsqueeze(1):ne(labels:unsqueeze(2)), -100.0, 0.0):to('float64'):unsqueeze(1)
-    local bias = rel + mask -- [nW, H, N, N]
-    -- the reference splits the merged batch as Swin does: [B, nW, H, N, D] against [nW, H, N, N]
-    local function split(t) return t:view(B, nW, H, N, D) end
-    local expected = composite(split(q), split(k), split(v), bias):view(B * nW, H, N, D)
-    S.assert_close(sdpa(q, k, v, { bias = bias }), expected, 1e-12, 1e-13)
-    -- the mask alone, broadcast over heads and tiled over the merged batch
-    expected = composite(split(q), split(k), split(v), mask):view(B * nW, H, N, D)
-    S.assert_close(sdpa(q, k, v, { bias = mask }), expected, 1e-12, 1e-13)
-    -- and a merged [B * H, N, D] batch against a per-head [H, N, N] bias
-    local qm, km, vm = q:reshape(B * nW * H, N, D), k:reshape(B * nW * H, N, D), v:reshape(B * nW * H, N, D)
-    S.assert_close(sdpa(qm, km, vm, { bias = rel }), composite(q, k, v, rel):view(B * nW * H, N, D), 1e-12, 1e-13)
+    local bias = rel + mask -- [nW, H, N, N], broadcast over the images
+    S.assert_close(sdpa(q, k, v, { bias = bias }), composite(q, k, v, bias), 1e-12, 1e-13)
+    -- the mask alone, broadcast over images and heads
+    S.assert_close(sdpa(q, k, v, { bias = mask }), composite(q, k, v, mask), 1e-12, 1e-13)
+    -- the models' layout: windows and heads merged [B, nW * H, N, D] against [1 or B, nW * H, N, N]
+    local function merged(t) return t:reshape(B, nW * H, N, D) end
+    local per_image = rand({ B, nW, H, N, N }, 13, -1, 1) + mask
+    S.assert_close(sdpa(merged(q), merged(k), merged(v), { bias = per_image:reshape(B, nW * H, N, N) }),
+      merged(composite(q, k, v, per_image)), 1e-12, 1e-13)
+    S.assert_close(sdpa(merged(q), merged(k), merged(v), { bias = bias:reshape(1, nW * H, N, N) }),
+      merged(composite(q, k, v, bias)), 1e-12, 1e-13)
   end)
 
   it('accepts 3-D and 2-D inputs, broadcast batch dims of k and v, and strided views', function()
@@ -189,11 +189,11 @@ describe('scaled_dot_product_attention gradients', function()
     check_grad('sdpa', function(a, b, c, d) return sdpa(a, b, c, { bias = d }) end, { q, k, v, bias })
   end)
 
-  it('passes gradcheck for a tiled window mask [nW, 1, N, N] and a key-padding bias [B, 1, 1, Nk]', function()
-    local q, k, v = leaf({ 4, 2, 3, 2 }, 54), leaf({ 4, 2, 3, 2 }, 55), leaf({ 4, 2, 3, 2 }, 56)
-    local windows = leaf({ 2, 1, 3, 3 }, 57)
+  it('passes gradcheck for a window mask [nW, 1, N, N] and a key-padding bias [B, 1, 1, Nk]', function()
+    local q, k, v = leaf({ 2, 2, 2, 3, 2 }, 54), leaf({ 2, 2, 2, 3, 2 }, 55), leaf({ 2, 2, 2, 3, 2 }, 56)
+    local windows = leaf({ 2, 1, 3, 3 }, 57) -- [nW, 1, N, N] against scores [B, nW, H, N, N]
     check_grad('sdpa window bias', function(a, b, c, d) return sdpa(a, b, c, { bias = d }) end, { q, k, v, windows })
-    local pad = leaf({ 4, 1, 1, 3 }, 58)
+    local pad = leaf({ 2, 1, 1, 1, 3 }, 58)
     check_grad('sdpa padding bias', function(a, b, c, d) return sdpa(a, b, c, { bias = d, scale = 0.7 }) end,
       { q, k, v, pad })
   end)
@@ -262,8 +262,13 @@ describe('scaled_dot_product_attention errors', function()
     S.assert_error(function() sdpa(q, k, v, { bias = rand({ 4, 4 }, 107) }) end,
       'bias [4,4] is not broadcastable to the attention scores [2,3,4,5]', 'number of keys')
     S.assert_error(function() sdpa(q, k, v, { bias = rand({ 2, 5 }, 108) }) end, 'number of queries')
-    S.assert_error(function() sdpa(q, k, v, { bias = rand({ 2, 2, 4, 5 }, 109) }) end, 'bias [2,2,4,5]', 'divide')
+    S.assert_error(function() sdpa(q, k, v, { bias = rand({ 2, 2, 4, 5 }, 109) }) end,
+      'bias [2,2,4,5] is not broadcastable to the attention scores [2,3,4,5]', "equal the scores' dim or be 1")
     S.assert_error(function() sdpa(q, k, v, { bias = rand({ 2, 1, 1, 4, 5 }, 110) }) end, 'more batch dims')
+    -- no tiling of merged dims: a [nW, 1, N, N] mask against [B * nW, H, N, N] scores is refused
+    local qm, km, vm = rand({ 6, 3, 4, 8 }, 112), rand({ 6, 3, 5, 8 }, 113), rand({ 6, 3, 5, 6 }, 114)
+    S.assert_error(function() sdpa(qm, km, vm, { bias = rand({ 3, 1, 4, 5 }, 115) }) end,
+      'bias [3,1,4,5] is not broadcastable to the attention scores [6,3,4,5]')
   end)
 
   it('names bad dtypes and options', function()
@@ -275,5 +280,123 @@ describe('scaled_dot_product_attention errors', function()
     S.assert_error(function() sdpa(q, k, v, { dropout_p = 0.1 }) end, 'dropout_p')
     S.assert_error(function() sdpa(q, k, v, { is_causal = true, bias = rand({ 4, 5 }, 111) }) end, 'is_causal')
     S.assert_error(function() sdpa(q, k, v, { bias = q, attn_mask = q }) end, 'not both')
+  end)
+end)
+
+-- ---- the fused Swin position bias ------------------------------------------------------------------
+local rpb = T.F.relative_position_bias
+
+-- Plain Lua, float64: out[w][h][i][j] = b2[h] + Σ_p w2[h][p] relu(b1[p] + Σ_c w1[p][c] f(pos[w][c][j] - pos[w][c][i])).
+local function position_bias_reference(pos, w1, b1, w2, b2)
+  local P, C, H = #w1, #w1[1], #w2
+  local function f(d) return d == 0 and 0 or (d > 0 and 1 or -1) * math.log(1 + math.abs(d)) end
+  local out = {}
+  for w, coords in ipairs(pos) do
+    local N = #coords[1]
+    out[w] = {}
+    for h = 1, H do
+      out[w][h] = {}
+      for i = 1, N do
+        out[w][h][i] = {}
+        for j = 1, N do
+          local sum = b2 and b2[h] or 0
+          for p = 1, P do
+            local a = b1 and b1[p] or 0
+            for c = 1, C do a = a + w1[p][c] * f(coords[c][j] - coords[c][i]) end
+            sum = sum + w2[h][p] * math.max(a, 0)
+          end
+          out[w][h][i][j] = sum
+        end
+      end
+    end
+  end
+  return out
+end
+
+-- The unfused composite the Swin model used: conv1x1 → relu → conv1x1 on the [W, C, N, N] features.
+local function position_bias_composite(pos, w1, b1, w2, b2)
+  local d = pos:unsqueeze(2) - pos:unsqueeze(3)
+  local hidden = T.F.conv2d(d:sign() * d:abs():log1p(), w1, b1):relu()
+  return T.F.conv2d(hidden, w2, b2)
+end
+
+-- Distinct random positions (no two tokens share a coordinate: no kink of sign(d) log1p|d| at 0).
+local function positions(W, C, N, seed)
+  local values = S.randoms(W * C * N, seed, 0, 1)
+  for k = 1, #values do values[k] = values[k] * 4 + (k % N) * 4 end -- coordinate ranges per token disjoint
+  return T.tensor(S.nest(values, { W, C, N }), { dtype = 'float64' })
+end
+
+describe('relative_position_bias', function()
+  it('matches a plain-Lua reference (float64) with and without biases', function()
+    local pos = positions(2, 2, 5, 200)
+    local w1, b1, w2, b2 = rand({ 3, 2 }, 201), rand({ 3 }, 202), rand({ 2, 3 }, 203), rand({ 2 }, 204)
+    local expected = position_bias_reference(pos:totable(), w1:totable(), b1:totable(), w2:totable(), b2:totable())
+    S.assert_close(rpb(pos, w1, b1, w2, b2), T.tensor(expected, { dtype = 'float64' }), 1e-12, 1e-13)
+    expected = position_bias_reference(pos:totable(), w1:totable(), nil, w2:totable(), nil)
+    S.assert_close(rpb(pos, w1, nil, w2, nil), T.tensor(expected, { dtype = 'float64' }), 1e-12, 1e-13)
+  end)
+
+  it('matches the conv1x1-relu-conv1x1 composite: Swin shapes, 1x1 conv weights, N off the block size', function()
+    for _, case in ipairs { { 3, 2, 64, 8, 3 }, { 2, 2, 9, 5, 4 }, { 2, 3, 20, 4, 2 }, { 1, 2, 1, 3, 2 } } do
+      local W, C, N, P, H = unpack(case)
+      local pos = positions(W, C, N, 210 + N)
+      local w1, b1 = rand({ P, C, 1, 1 }, 211), rand({ P }, 212)
+      local w2, b2 = rand({ H, P, 1, 1 }, 213), rand({ H }, 214)
+      local expected = position_bias_composite(pos, w1, b1, w2, b2)
+      S.assert_close(rpb(pos, w1, b1, w2, b2), expected, 1e-12, 1e-13, 'float64 ' .. N)
+      local out32 = rpb(pos:float(), w1:float(), b1:float(), w2:float(), b2:float())
+      assert.equal('float32', out32.dtype)
+      S.assert_close(out32:double(), expected, 1e-5, 1e-5, 'float32 ' .. N)
+    end
+  end)
+
+  it('takes strided positions as the model passes them (window partition, then transpose)', function()
+    local pos = positions(3, 7, 2, 220):transpose(1, 2) -- [3, 2, 7], not contiguous
+    local w1, b1, w2, b2 = rand({ 4, 2 }, 221), rand({ 4 }, 222), rand({ 3, 4 }, 223), rand({ 3 }, 224)
+    S.assert_close(rpb(pos, w1, b1, w2, b2), position_bias_composite(pos, w1:view(4, 2, 1, 1), b1, w2:view(3, 4, 1, 1), b2),
+      1e-12, 1e-13)
+  end)
+
+  it('passes gradcheck for positions, weights and biases', function()
+    local pos = positions(2, 2, 4, 230):requires_grad_()
+    local w1, b1, w2, b2 = leaf({ 3, 2, 1, 1 }, 231), leaf({ 3 }, 232, 0.2, 1), leaf({ 2, 3, 1, 1 }, 233), leaf({ 2 }, 234)
+    check_grad('relative_position_bias', rpb, { pos, w1, b1, w2, b2 })
+    local strided = positions(2, 18, 2, 235):transpose(1, 2):requires_grad_() -- N = 18 spans two blocks
+    local w1m, w2m = leaf({ 2, 2 }, 236), leaf({ 3, 2 }, 237)
+    check_grad('relative_position_bias strided, no biases', function(p, a, b) return rpb(p, a, nil, b, nil) end,
+      { strided, w1m, w2m })
+  end)
+
+  it('matches the composite gradients in float32 on a Swin stage-1 shape', function()
+    local pos = positions(4, 2, 64, 240):float()
+    local w1, b1 = rand({ 32, 2, 1, 1 }, 241):float():requires_grad_(), rand({ 32 }, 242):float():requires_grad_()
+    local w2, b2 = rand({ 3, 32, 1, 1 }, 243):float():requires_grad_(), rand({ 3 }, 244):float():requires_grad_()
+    compare_with_composite({ pos, w1, b1, w2, b2 }, rpb, position_bias_composite, 2e-4)
+  end)
+
+  it('gives gradients only to the inputs that require them', function()
+    local pos = positions(2, 2, 3, 250)
+    local w1, w2 = leaf({ 2, 2 }, 251), rand({ 2, 2 }, 252)
+    local out = rpb(pos, w1, nil, w2, nil)
+    assert.equal('relative_position_bias', out.grad_fn)
+    out:sum():backward()
+    assert.same({ 2, 2 }, w1.grad.shape)
+    assert.is_nil(pos.grad)
+    assert.is_nil(w2.grad)
+    assert.is_nil(rpb(pos, w1:detach(), nil, w2, nil).grad_fn)
+  end)
+
+  it('names bad shapes and dtypes', function()
+    local pos, w1, b1, w2, b2 = positions(2, 2, 3, 260), rand({ 4, 2 }, 261), rand({ 4 }, 262), rand({ 3, 4 }, 263), rand({ 3 }, 264)
+    S.assert_error(function() rpb(pos:view(2, 6), w1, b1, w2, b2) end, 'relative_position_bias',
+      'pos must be [windows, coordinates, tokens]', '[2,6]')
+    S.assert_error(function() rpb(pos, rand({ 4, 3 }, 265), b1, w2, b2) end, 'w1 must be [out, 2]', '[4,3]', '[2,2,3]')
+    S.assert_error(function() rpb(pos, w1, b1, rand({ 3, 5, 1, 1 }, 266), b2) end, 'w2 must be [out, 4]', '[3,5,1,1]')
+    S.assert_error(function() rpb(pos, w1, rand({ 5 }, 267), w2, b2) end, 'b1 must be [4]', '[5]')
+    S.assert_error(function() rpb(pos, w1, b1, w2, rand({ 4 }, 268)) end, 'b2 must be [3]', '[4]')
+    S.assert_error(function() rpb(pos:float(), w1, b1, w2, b2) end, 'one floating dtype', 'float32', 'float64')
+    S.assert_error(function() rpb(pos:to('int64'), w1, b1, w2, b2) end, 'floating-point pos', 'int64')
+    S.assert_error(function() rpb(pos, 'w1', b1, w2, b2) end, 'relative_position_bias', 'expected a tensor')
   end)
 end)

@@ -1,83 +1,183 @@
 /* copy.c — host memory, dtype conversion copies, fill and arange on the CPU. */
 #include "cpu.h"
 
+#include <malloc.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* ---- host memory -------------------------------------------------------------------------------
- * Large blocks are kept after free and handed out again for the same rounded size. A fresh large
- * malloc is new pages from the kernel, which must fault and zero them: an elementwise op on 64 MB
- * spent most of its time there. The cache holds at most `limit` bytes (oldest blocks go first) and
- * T.empty_cache() returns it all. */
-enum { CACHE_MIN_BYTES = 1 << 20, CACHE_GRAIN = 1 << 21, CACHE_SLOTS = 64 };
+ * A fresh block from the kernel must be faulted in and zeroed page by page; in a training loop that
+ * allocates the same activations every step this cost a sixth of the step. So blocks of at least
+ * CACHE_MIN_BYTES are kept after free, sorted into size classes (eight per power of two, so a block
+ * serves requests up to 12.5% smaller than itself), and handed out again most recently freed first
+ * (its pages are the likeliest to still be in the caches). They come straight from mmap, so giving
+ * one back really returns its memory.
+ *
+ * The cache holds at most the larger of CACHE_FLOOR_BYTES and the most memory ever held by live
+ * blocks: enough for a loop to find every block of its next iteration in the cache, never more than
+ * the program has shown it needs. Beyond that the least recently freed blocks go first;
+ * T.empty_cache() returns everything. Smaller blocks come from malloc, which mallopt tells to keep
+ * freed memory instead of trimming it back to the kernel.
+ *
+ * A free cached block stores its bookkeeping in its own first bytes (cache_node), so the cache
+ * needs no memory of its own. */
+enum {
+  CACHE_MIN_SHIFT = 17,                     /* 128 KiB: glibc's default mmap threshold */
+  CLASS_SPLITS_SHIFT = 3,                   /* 2^3 classes per power of two */
+  CLASS_SPLITS = 1 << CLASS_SPLITS_SHIFT,
+  MAX_SHIFT = 62,
+  NUM_CLASSES = (MAX_SHIFT - CACHE_MIN_SHIFT + 1) * CLASS_SPLITS + 1,
+};
+static const size_t CACHE_MIN_BYTES = (size_t)1 << CACHE_MIN_SHIFT;
+static const size_t CACHE_FLOOR_BYTES = (size_t)1 << 29;
+/* malloc serves requests below MALLOC_MMAP_BYTES from its heap and keeps up to MALLOC_TRIM_BYTES
+   of free memory at the top of it rather than trimming it back to the kernel. */
+static const int MALLOC_MMAP_BYTES = 1 << 25, MALLOC_TRIM_BYTES = 1 << 28;
+
+typedef struct cache_node {
+  struct cache_node *older, *newer;          /* all cached blocks, in the order they were freed */
+  struct cache_node *below, *above;          /* the blocks of one class, a stack */
+  size_t bytes;
+  int cls;
+} cache_node;
 
 static struct {
   pthread_mutex_t lock;
-  struct { void *ptr; size_t bytes; } slot[CACHE_SLOTS]; /* oldest first */
-  int count;
-  size_t bytes, limit;
-} host_cache = {.lock = PTHREAD_MUTEX_INITIALIZER, .limit = (size_t)1 << 29};
+  cache_node *top[NUM_CLASSES];     /* most recently freed block of each class */
+  cache_node *oldest, *newest;
+  size_t cached;                    /* bytes of the cached blocks */
+  size_t held;                      /* bytes of the live blocks from the cache's classes */
+  size_t held_peak;
+  int64_t slack;                    /* live blocks' class size minus the size asked for */
+} host = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
-/* 64-byte alignment: whole cache lines and aligned vector loads. */
-static size_t host_rounded(size_t nbytes) {
-  if (nbytes < CACHE_MIN_BYTES) return (nbytes + 63) & ~(size_t)63;
-  return (nbytes + CACHE_GRAIN - 1) & ~(size_t)(CACHE_GRAIN - 1);
+static pthread_once_t malloc_tuned = PTHREAD_ONCE_INIT;
+
+/* glibc trims the top of its heap (above 128 KiB by default, adapting upwards) and serves requests
+   above a threshold from fresh mmaps; either way memory that a loop frees and asks for again (small
+   tensors, kernels' scratch buffers) is faulted in anew. Fixed thresholds keep it. */
+static void tune_malloc(void) {
+  mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_BYTES);
+  mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_BYTES);
+}
+
+/* The size class of a large request and its size in bytes (a multiple of the page size). */
+static int size_class(size_t nbytes, size_t *class_bytes) {
+  int shift = 63 - __builtin_clzll((unsigned long long)nbytes);
+  size_t step = (size_t)1 << (shift - CLASS_SPLITS_SHIFT);
+  size_t steps = (nbytes + step - 1) / step; /* CLASS_SPLITS .. 2 * CLASS_SPLITS */
+  *class_bytes = steps * step;
+  return (shift - CACHE_MIN_SHIFT) * CLASS_SPLITS + (int)(steps - CLASS_SPLITS);
+}
+
+static void unlink_node(cache_node *b) {
+  if (b->older) b->older->newer = b->newer; else host.oldest = b->newer;
+  if (b->newer) b->newer->older = b->older; else host.newest = b->older;
+  if (b->above) b->above->below = b->below; else host.top[b->cls] = b->below;
+  if (b->below) b->below->above = b->above;
+  host.cached -= b->bytes;
+}
+
+static void push_node(cache_node *b) {
+  b->older = host.newest;
+  b->newer = NULL;
+  if (host.newest) host.newest->newer = b; else host.oldest = b;
+  host.newest = b;
+  b->below = host.top[b->cls];
+  b->above = NULL;
+  if (b->below) b->below->above = b;
+  host.top[b->cls] = b;
+  host.cached += b->bytes;
 }
 
 static void drop_oldest(void) {
-  free(host_cache.slot[0].ptr);
-  host_cache.bytes -= host_cache.slot[0].bytes;
-  memmove(host_cache.slot, host_cache.slot + 1, (size_t)(--host_cache.count) * sizeof host_cache.slot[0]);
+  cache_node *b = host.oldest;
+  unlink_node(b);
+  munmap(b, b->bytes);
+}
+
+static size_t cache_limit(void) { return host.held_peak > CACHE_FLOOR_BYTES ? host.held_peak : CACHE_FLOOR_BYTES; }
+
+static void *map_block(size_t bytes) {
+  void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? NULL : p;
+}
+
+static void *alloc_large(size_t nbytes) {
+  size_t bytes;
+  int cls = size_class(nbytes, &bytes);
+  pthread_mutex_lock(&host.lock);
+  cache_node *b = host.top[cls];
+  if (b) unlink_node(b);
+  pthread_mutex_unlock(&host.lock);
+  void *p = b;
+  if (!p) p = map_block(bytes);
+  if (!p) { /* the cache's other classes may be what stands in the way */
+    cpu_empty_cache(0);
+    p = map_block(bytes);
+  }
+  if (!p) return NULL;
+  pthread_mutex_lock(&host.lock);
+  host.held += bytes;
+  if (host.held > host.held_peak) host.held_peak = host.held;
+  host.slack += (int64_t)(bytes - nbytes);
+  pthread_mutex_unlock(&host.lock);
+  return p;
+}
+
+static void free_large(void *ptr, size_t nbytes) {
+  size_t bytes;
+  int cls = size_class(nbytes, &bytes);
+  cache_node *b = ptr;
+  b->bytes = bytes;
+  b->cls = cls;
+  pthread_mutex_lock(&host.lock);
+  host.held -= bytes;
+  host.slack -= (int64_t)(bytes - nbytes);
+  size_t limit = cache_limit();
+  if (bytes > limit) {
+    pthread_mutex_unlock(&host.lock);
+    munmap(ptr, bytes);
+    return;
+  }
+  while (host.cached + bytes > limit) drop_oldest();
+  push_node(b);
+  pthread_mutex_unlock(&host.lock);
 }
 
 void *cpu_alloc(size_t nbytes, int device_index) {
   (void)device_index;
-  size_t bytes = host_rounded(nbytes);
-  if (bytes >= CACHE_MIN_BYTES) {
-    pthread_mutex_lock(&host_cache.lock);
-    for (int k = host_cache.count - 1; k >= 0; k--) {
-      if (host_cache.slot[k].bytes != bytes) continue;
-      void *ptr = host_cache.slot[k].ptr;
-      host_cache.bytes -= bytes;
-      memmove(host_cache.slot + k, host_cache.slot + k + 1, (size_t)(--host_cache.count - k) * sizeof host_cache.slot[0]);
-      pthread_mutex_unlock(&host_cache.lock);
-      return ptr;
-    }
-    pthread_mutex_unlock(&host_cache.lock);
-  }
-  return aligned_alloc(64, bytes);
+  pthread_once(&malloc_tuned, tune_malloc);
+  if (nbytes >= CACHE_MIN_BYTES) return alloc_large(nbytes);
+  return aligned_alloc(64, (nbytes + 63) & ~(size_t)63); /* whole cache lines, aligned vector loads */
 }
 
 void cpu_free(void *ptr, size_t nbytes, int device_index) {
   (void)device_index;
-  size_t bytes = host_rounded(nbytes);
-  if (bytes < CACHE_MIN_BYTES || bytes > host_cache.limit) {
+  if (nbytes >= CACHE_MIN_BYTES)
+    free_large(ptr, nbytes);
+  else
     free(ptr);
-    return;
-  }
-  pthread_mutex_lock(&host_cache.lock);
-  while (host_cache.count && (host_cache.count == CACHE_SLOTS || host_cache.bytes + bytes > host_cache.limit)) drop_oldest();
-  host_cache.slot[host_cache.count].ptr = ptr;
-  host_cache.slot[host_cache.count++].bytes = bytes;
-  host_cache.bytes += bytes;
-  pthread_mutex_unlock(&host_cache.lock);
 }
 
+/* What the allocator holds beyond the bytes live tensors asked for: the cached blocks and the
+   rounding of live blocks up to their class, so that live + this is the memory really held. */
 int64_t cpu_cached_bytes(int device_index) {
   (void)device_index;
-  pthread_mutex_lock(&host_cache.lock);
-  int64_t bytes = (int64_t)host_cache.bytes;
-  pthread_mutex_unlock(&host_cache.lock);
+  pthread_mutex_lock(&host.lock);
+  int64_t bytes = (int64_t)host.cached + host.slack;
+  pthread_mutex_unlock(&host.lock);
   return bytes;
 }
 
 void cpu_empty_cache(int device_index) {
   (void)device_index;
-  pthread_mutex_lock(&host_cache.lock);
-  while (host_cache.count) drop_oldest();
-  pthread_mutex_unlock(&host_cache.lock);
+  pthread_mutex_lock(&host.lock);
+  while (host.oldest) drop_oldest();
+  pthread_mutex_unlock(&host.lock);
 }
 
 int64_t cpu_saturate_i64(double v) {

@@ -131,6 +131,12 @@ int cpu_attention(ts_tensor *out, ts_tensor *lse, const ts_tensor *q, const ts_t
 int cpu_attention_backward(ts_tensor *dq, ts_tensor *dk, ts_tensor *dv, ts_tensor *dbias, const ts_tensor *dout,
                            const ts_tensor *q, const ts_tensor *k, const ts_tensor *v, const ts_tensor *bias,
                            const ts_tensor *out, const ts_tensor *lse, double scale);
+/* position_bias.c */
+int cpu_position_bias(ts_tensor *out, const ts_tensor *pos, const ts_tensor *w1, const ts_tensor *b1,
+                      const ts_tensor *w2, const ts_tensor *b2);
+int cpu_position_bias_backward(ts_tensor *gpos, ts_tensor *gw1, ts_tensor *gb1, ts_tensor *gw2, ts_tensor *gb2,
+                               const ts_tensor *g, const ts_tensor *pos, const ts_tensor *w1, const ts_tensor *b1,
+                               const ts_tensor *w2);
 /* @optim (declarations below this line) */
 /* optim.c */
 int cpu_adamw(int n, ts_tensor *const *params, ts_tensor *const *grads, ts_tensor *const *exp_avg,

@@ -14,6 +14,9 @@
 
 #include <stdlib.h>
 #include <tgmath.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 /* ---- the flat range over several tensors ----------------------------------------------------- */
 /* Handles elements [lo, hi) of tensor k. */
@@ -85,7 +88,14 @@ static inline double lerp_f64(double start, double end, double w) {
 /* ---- AdamW ----------------------------------------------------------------------------------- */
 /* Per tensor, from its lr, weight decay and step (PyTorch's _single_tensor_adamw):
      p = p * (1 - lr*wd);  m = lerp(m, g, 1 - beta1);  v = v*beta2 + (1 - beta2)*g*g
-     p = p - lr/(1 - beta1^step) * m / (sqrt(v)/sqrt(1 - beta2^step) + eps) */
+     p = p - lr/(1 - beta1^step) * m / (sqrt(v)/sqrt(1 - beta2^step) + eps)
+   Every parameter is visited once per step, so the update is memory bound if it vectorizes. A
+   sqrt call in the loop stops that: under the default -fmath-errno GCC guards each call with an
+   errno branch. So a segment goes in blocks of ADAMW_BLOCK elements, three passes each: the
+   moments (vectorized), the square roots of the block (SIMD sqrt, the same correctly rounded
+   operation as sqrtf), then the parameters (vectorized); the block stays in L1 between passes. */
+enum { ADAMW_BLOCK = 512 };
+
 typedef struct { double decay, w1, beta2, w2, bc2_sqrt, eps, step_size; } adamw_coef;
 
 typedef struct {
@@ -93,6 +103,33 @@ typedef struct {
   const adamw_coef *coef;
 } adamw_ctx;
 
+/* x[i] = sqrt(x[i]) with SIMD instructions where the target has them. */
+static void sqrt_f32(float *x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, _mm512_sqrt_ps(_mm512_loadu_ps(x + i)));
+#elif defined(__AVX__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_sqrt_ps(_mm256_loadu_ps(x + i)));
+#elif defined(__SSE2__)
+  for (; i + 4 <= n; i += 4) _mm_storeu_ps(x + i, _mm_sqrt_ps(_mm_loadu_ps(x + i)));
+#endif
+  for (; i < n; i++) x[i] = sqrtf(x[i]);
+}
+
+static void sqrt_f64(double *x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 8 <= n; i += 8) _mm512_storeu_pd(x + i, _mm512_sqrt_pd(_mm512_loadu_pd(x + i)));
+#elif defined(__AVX__)
+  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(x + i, _mm256_sqrt_pd(_mm256_loadu_pd(x + i)));
+#elif defined(__SSE2__)
+  for (; i + 2 <= n; i += 2) _mm_storeu_pd(x + i, _mm_sqrt_pd(_mm_loadu_pd(x + i)));
+#endif
+  for (; i < n; i++) x[i] = sqrt(x[i]);
+}
+
+/* One block of n elements in three passes. pin/gin: the parameters and gradients read as T (for
+   half storage, already converted); pout receives the new parameters. */
 #define DEFINE_ADAMW(T, SUFFIX)                                                                   \
   typedef struct { T decay, w1, beta2, w2, bc2_sqrt, eps, step_size; } adamw_##SUFFIX;             \
   static inline adamw_##SUFFIX adamw_consts_##SUFFIX(const adamw_coef *c) {                        \
@@ -100,19 +137,23 @@ typedef struct {
                         (T)c->step_size};                                                           \
     return k;                                                                                      \
   }                                                                                                \
-  /* Updates the moments at m, v and returns the new parameter value. */                           \
-  static inline T adamw_update_##SUFFIX(T p, T g, T *m, T *v, const adamw_##SUFFIX *c) {          \
-    p *= c->decay;                                                                                 \
-    T mi = lerp_##SUFFIX(*m, g, c->w1);                                                            \
-    T vi = *v * c->beta2 + c->w2 * g * g;                                                          \
-    *m = mi;                                                                                       \
-    *v = vi;                                                                                       \
-    T denom = sqrt(vi) / c->bc2_sqrt + c->eps;                                                     \
-    return p - c->step_size * (mi / denom);                                                        \
+  static void adamw_block_##SUFFIX(T *pout, const T *pin, const T *restrict g, T *restrict m, \
+                                   T *restrict v, int64_t n, const adamw_##SUFFIX *c) {            \
+    T decayed[ADAMW_BLOCK], root[ADAMW_BLOCK];                                                     \
+    for (int64_t i = 0; i < n; i++) {                                                              \
+      decayed[i] = pin[i] * c->decay;                                                              \
+      m[i] = lerp_##SUFFIX(m[i], g[i], c->w1);                                                     \
+      v[i] = v[i] * c->beta2 + c->w2 * g[i] * g[i];                                                \
+      root[i] = v[i];                                                                              \
+    }                                                                                              \
+    sqrt_##SUFFIX(root, n);                                                                        \
+    for (int64_t i = 0; i < n; i++) pout[i] = decayed[i] - c->step_size * (m[i] / (root[i] / c->bc2_sqrt + c->eps)); \
   }
 
 DEFINE_ADAMW(float, f32)
 DEFINE_ADAMW(double, f64)
+
+static int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 static void adamw_segment(int k, int64_t lo, int64_t hi, void *arg) {
   const adamw_ctx *a = arg;
@@ -123,7 +164,8 @@ static void adamw_segment(int k, int64_t lo, int64_t hi, void *arg) {
     adamw_f64 c = adamw_consts_f64(&a->coef[k]);
     double *pp = (double *)p, *mm = (double *)m, *vv = (double *)v;
     const double *gg = (const double *)g;
-    for (int64_t i = lo; i < hi; i++) pp[i] = adamw_update_f64(pp[i], gg[i], &mm[i], &vv[i], &c);
+    for (int64_t i = lo; i < hi; i += ADAMW_BLOCK)
+      adamw_block_f64(pp + i, pp + i, gg + i, mm + i, vv + i, min_i64(ADAMW_BLOCK, hi - i), &c);
     return;
   }
   adamw_f32 c = adamw_consts_f32(&a->coef[k]);
@@ -131,14 +173,23 @@ static void adamw_segment(int k, int64_t lo, int64_t hi, void *arg) {
   if (pt->dtype == TS_F32) {
     float *pp = (float *)p;
     const float *gg = (const float *)g;
-    for (int64_t i = lo; i < hi; i++) pp[i] = adamw_update_f32(pp[i], gg[i], &mm[i], &vv[i], &c);
+    for (int64_t i = lo; i < hi; i += ADAMW_BLOCK)
+      adamw_block_f32(pp + i, pp + i, gg + i, mm + i, vv + i, min_i64(ADAMW_BLOCK, hi - i), &c);
     return;
   }
   uint16_t *pp = (uint16_t *)p;
   const uint16_t *gg = (const uint16_t *)g;
   int dt = pt->dtype;
-  for (int64_t i = lo; i < hi; i++)
-    pp[i] = store_half(dt, adamw_update_f32(load_half(dt, pp[i]), load_half(dt, gg[i]), &mm[i], &vv[i], &c));
+  float pin[ADAMW_BLOCK], gin[ADAMW_BLOCK], pout[ADAMW_BLOCK];
+  for (int64_t i = lo; i < hi; i += ADAMW_BLOCK) {
+    int64_t n = min_i64(ADAMW_BLOCK, hi - i);
+    for (int64_t e = 0; e < n; e++) {
+      pin[e] = load_half(dt, pp[i + e]);
+      gin[e] = load_half(dt, gg[i + e]);
+    }
+    adamw_block_f32(pout, pin, gin, mm + i, vv + i, n, &c);
+    for (int64_t e = 0; e < n; e++) pp[i + e] = store_half(dt, pout[e]);
+  }
 }
 
 int cpu_adamw(int n, ts_tensor *const *params, ts_tensor *const *grads, ts_tensor *const *exp_avg,

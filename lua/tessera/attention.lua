@@ -7,9 +7,8 @@
 --
 -- bias (alias attn_mask): a floating tensor added to the scores, broadcast to [..., Nq, Nk]
 -- (-inf or -100 masks a key), and differentiable; or a boolean mask where true means "keep", as
--- PyTorch's attn_mask, turned into a 0 / -inf bias. A row with every key masked gives zeros. A bias
--- batch dim may also tile a merged batch dim of the scores: [nW, 1, N, N] Swin masks against
--- scores [B * nW, H, N, N] (see ts_attention in tessera.h). scale defaults to 1 / sqrt(D).
+-- PyTorch's attn_mask, turned into a 0 / -inf bias. A row with every key masked gives zeros.
+-- scale defaults to 1 / sqrt(D).
 -- is_causal keeps key j for query i when j <= i (top-left aligned, as PyTorch).
 local core = require 'tessera.core'
 local C, T = core.C, core.T
@@ -84,6 +83,19 @@ function F.scaled_dot_product_attention(q, k, v, opts)
     error(string.format('%s: scale must be a number, got %s', NAME, type(scale)), 0)
   end
   return wrap(C.ts_attention(hq, hk, hv, bias and handle(bias, NAME) or nil, scale or 0 / 0))
+end
+
+-- T.F.relative_position_bias(pos, w1, b1, w2, b2) → [W, H, N, N]: Swin's continuous relative
+-- position bias (UM-MAE's posmlp) in one op,
+--   Conv1x1(w1, b1) → ReLU → Conv1x1(w2, b2) applied to sign(d) log(1 + |d|), d[w, c, i, j] = pos[w, c, j] - pos[w, c, i],
+-- for pos [W, C, N] (C coordinates of N tokens per window), w1 [P, C] or [P, C, 1, 1], w2 [H, P] or
+-- [H, P, 1, 1]; b1, b2 may be nil. The [W, P, N, N] hidden layer is never stored (see tessera.h).
+local PB_NAME = 'relative_position_bias'
+local function optional(t) return t ~= nil and handle(t, PB_NAME) or nil end
+
+function F.relative_position_bias(pos, w1, b1, w2, b2)
+  return wrap(C.ts_relative_position_bias(handle(pos, PB_NAME), handle(w1, PB_NAME), optional(b1),
+    handle(w2, PB_NAME), optional(b2)))
 end
 
 return F

@@ -24,6 +24,7 @@ end
 
 -- Sets a pixel from bytes; points outside the canvas are ignored.
 function Canvas:set(x, y, r, g, b)
+  x, y = math.floor(x), math.floor(y)
   if x < 0 or y < 0 or x >= self.w or y >= self.h then return end
   local o = (y * self.w + x) * 3
   self.px[o], self.px[o + 1], self.px[o + 2] = r, g, b

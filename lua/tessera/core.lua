@@ -11,6 +11,14 @@ local config = require 'tessera.config'
 ffi.cdef(require 'tessera.cdef')
 ffi.cdef [[ typedef struct tessera_tensor { ts_tensor *h; } tessera_tensor; ]]
 
+-- OpenBLAS's idle workers spin (sched_yield) for 2^28 cycles after each product before they sleep,
+-- burning between a training step's many small products the core that our own kernels need. It
+-- reads OPENBLAS_THREAD_TIMEOUT (log2 of the cycles, 4 at least) once, when it is loaded, so it is
+-- set here, before libtessera pulls it in; a value the user set wins.
+local OPENBLAS_THREAD_TIMEOUT = '4'
+pcall(ffi.cdef, 'int setenv(const char *name, const char *value, int overwrite);')
+ffi.C.setenv('OPENBLAS_THREAD_TIMEOUT', OPENBLAS_THREAD_TIMEOUT, 0)
+
 local C = ffi.load(os.getenv('TESSERA_LIBRARY') or config.library)
 if C.tessera_abi_version() ~= C.TESSERA_ABI_VERSION then
   error(string.format('tessera: libtessera ABI %d does not match the Lua binding (ABI %d); rebuild',

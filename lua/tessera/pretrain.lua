@@ -102,7 +102,8 @@ function P.train(cfg, run, method)
         run:progress{ epoch = epoch + 1, epochs = cfg.epochs, iter = it + 1, iters = iters, loss = value, lr = current_lr,
           images_per_s = images_seen / math.max(clock() - started, 1e-9) }
         if step % cfg.log_every == 0 then run:log{ epoch = epoch, iter = it, step = step, loss = value, lr = current_lr } end
-        if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 then
+        -- only at the end of an accumulation window: a checkpoint holds no half-summed gradients
+        if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step % cfg.accum_iter == 0 then
           run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = epoch, iter = it + 1,
             extra = { loss0 = loss0, losses = losses } }
         end

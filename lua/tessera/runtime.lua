@@ -28,4 +28,22 @@ function T.cuda.synchronize(index) core.check(C.ts_cuda_synchronize(index or 0))
 function T.cuda.memory_stats(index) return T.memory_stats('cuda:' .. (index or 0)) end
 function T.cuda.empty_cache(index) T.empty_cache('cuda:' .. (index or 0)) end
 
+-- Out of device memory, the CUDA allocator first gives its cached blocks back; when that is not
+-- enough it calls this hook once before its last retry: a full collection frees the device memory
+-- of tensors that only unreachable Lua values still hold (their finalizers only queue the blocks,
+-- which the allocator takes back before retrying). The hook runs on the allocating thread, inside
+-- the failing call, and only when that is the thread that registered it (this Lua state's).
+-- Caveat: LuaJIT cannot enter a callback from a C function called by JIT-compiled code; it then
+-- aborts with "bad callback" instead of running it. Since the hook is reached only when the
+-- device is truly out of memory, that turns an out-of-memory error in a compiled loop into an
+-- abort; T.cuda.set_gc_on_oom(false) trades the collection for the plain error.
+local oom_collect = ffi.cast('void (*)(void)', function() collectgarbage('collect') end)
+local oom_armed = false
+function T.cuda.set_gc_on_oom(on)
+  oom_armed = on ~= false
+  C.ts_set_oom_callback(oom_armed and oom_collect or nil)
+end
+function T.cuda.gc_on_oom() return oom_armed end
+T.cuda.set_gc_on_oom(true)
+
 return T

@@ -303,12 +303,19 @@ ts_tensor *ts_pixel_unshuffle(ts_tensor *x, int64_t r);
    out = softmax(q kᵀ · scale + bias) v for q [..., Nq, D], k [..., Nk, D], v [..., Nk, Dv] of one
    floating dtype; the leading (batch) dims of q, k, v broadcast; out is [..., Nq, Dv] in that dtype.
    scale: NaN means 1/sqrt(D). bias: NULL or a floating tensor broadcastable to the scores
-   [..., Nq, Nk], added before the softmax (-inf or a large negative value masks a key; a row masked
-   entirely gives zeros, not NaN). Beyond broadcasting, a bias dim of size b against a merged scores
-   dim of size m·b repeats over the outer factor, as if that dim were reshaped to [m, b]: scores
-   [B·nW, H, N, N] take a Swin window mask [nW, 1, N, N], and [B·H, N, N] a per-head bias [H, N, N].
+   [..., Nq, Nk] by the usual rules (dims aligned from the right, each equal or 1), added before the
+   softmax (-inf or a large negative value masks a key; a row masked entirely gives zeros, not NaN).
    One autograd node; q, k, v and bias (reduced over its broadcast dims) get gradients. */
 ts_tensor *ts_attention(ts_tensor *q, ts_tensor *k, ts_tensor *v, ts_tensor *bias, double scale);
+/* Swin's continuous relative position bias (UM-MAE's WindowAttention.posmlp) as one op:
+     out[w, h, i, j] = b2[h] + Σ_p w2[h, p] relu(b1[p] + Σ_c w1[p, c] f(pos[w, c, j] - pos[w, c, i]))
+   with f(d) = sign(d) log(1 + |d|), for the positions pos [W, C, N] (C coordinates of the N tokens
+   of each of W windows, any strides), w1 [P, C] or [P, C, 1, 1], b1 [P], w2 [H, P] or [H, P, 1, 1],
+   b2 [H] (b1 and b2 may be NULL), all of one floating dtype; out is [W, H, N, N]. It equals
+   Conv1x1(C→P), ReLU, Conv1x1(P→H) on the [W, C, N, N] features without materializing the
+   [W, P, N, N] hidden layer (the backward recomputes it). One autograd node; every input gets a
+   gradient. */
+ts_tensor *ts_relative_position_bias(ts_tensor *pos, ts_tensor *w1, ts_tensor *b1, ts_tensor *w2, ts_tensor *b2);
 /* @optim (declarations below this line) */
 /* ---- optimizers: fused multi-tensor updates, as torch.optim ------------------------------------ */
 /* One call updates every tensor of one or more parameter groups. Entry k of each array belongs to
@@ -418,6 +425,112 @@ ts_tensor *ts_png_read(const char *path);
    tensor of that shape with values in [0, 1] (clamped, times 255, rounded to nearest; NaN as 0).
    Any strides and devices. Atomic: written to a temporary next to path and renamed over it. */
 int ts_png_write(const char *path, ts_tensor *img);
+
+/* ---- data loading for image pre-training (MAE / UM-MAE's main_pretrain.py pipeline) ----------- */
+/* Datasets: TS_DATA_IMAGE_FOLDER (path_a = root; the files ending .jpg, .jpeg or .png under
+   root/<class>, searched recursively like torchvision's ImageFolder: classes are the
+   sub-directories sorted by name, label = position, files ordered by directory path then name;
+   extensions case-insensitive),
+   TS_DATA_FILE_LIST (path_a = root, path_b = a list file of `relative/path label` lines, paths
+   relative to root, '#' comments and blank lines ignored; classes "0".."max label"), TS_DATA_IDX
+   (path_a = images, path_b = labels: IDX files of unsigned bytes, gzipped or not, as MNIST and
+   Fashion-MNIST ship them, magics 0x00000803 and 0x00000801 with equal counts; loaded into memory;
+   classes "0".."max label"). Images are decoded by content (JPEG through libjpeg-turbo, PNG through
+   ts_png_read), whatever the extension, and always become 8-bit RGB: grayscale is replicated, an
+   alpha channel dropped, CMYK converted as PIL does. A dataset is reference-counted: loaders keep
+   it alive after ts_data_close. */
+typedef enum ts_data_kind { TS_DATA_IMAGE_FOLDER = 0, TS_DATA_FILE_LIST, TS_DATA_IDX } ts_data_kind;
+typedef struct ts_data_dataset ts_data_dataset;
+ts_data_dataset *ts_data_open(int kind, const char *path_a, const char *path_b);
+void ts_data_close(ts_data_dataset *d);                          /* NULL is ignored */
+int64_t ts_data_size(const ts_data_dataset *d);                  /* -1 for NULL */
+int64_t ts_data_num_classes(const ts_data_dataset *d);
+const char *ts_data_class_name(const ts_data_dataset *d, int64_t i);   /* NULL when out of range */
+int64_t ts_data_label(const ts_data_dataset *d, int64_t i);      /* -1 when out of range */
+const char *ts_data_path(const ts_data_dataset *d, int64_t i);   /* "" for IDX samples */
+/* Sample i decoded: uint8 [H, W, 3]. */
+ts_tensor *ts_data_image(const ts_data_dataset *d, int64_t i);
+
+/* The random part of one sample's augmentation, in pixels of the full-size image. */
+typedef struct ts_data_crop { int64_t top, left, height, width; int32_t flip; } ts_data_crop;
+/* torchvision's RandomResizedCrop.get_params and RandomHorizontalFlip for sample `index` of
+   `epoch`, drawn from the Philox stream keyed by seed (see ts_data_loader_options). scale and ratio
+   are [lo, hi] pairs. */
+int ts_data_crop_params(uint64_t seed, int64_t epoch, int64_t index, int64_t height, int64_t width,
+                        const double *scale, const double *ratio, double hflip, ts_data_crop *out);
+/* The crop of img (uint8 [H, W, C], C = 1, 3 or 4, or [H, W]; any strides) resized to out_h x out_w
+   with PIL's antialiased bicubic (as torchvision's F.resized_crop on a PIL image), mirrored when
+   crop->flip, then ToTensor (v / 255) and, when normalize, (x - mean[c]) / std[c] in float32:
+   float32 [3, out_h, out_w]. mean and std may be NULL without normalize. */
+ts_tensor *ts_data_resized_crop(ts_tensor *img, const ts_data_crop *crop, int64_t out_h, int64_t out_w,
+                                int normalize, const double *mean, const double *std);
+/* Decodes a JPEG or PNG file (by content) to uint8 [H, W, 3]. */
+ts_tensor *ts_data_decode(const char *path);
+/* Writes a baseline JPEG (4:2:0 chroma for RGB) from uint8 [H, W, C] (C = 1 or 3, or [H, W]) or a
+   floating tensor of that shape in [0, 1] (clamped, times 255, rounded); quality 1..100. Atomic:
+   written to a temporary next to path and renamed over it. */
+int ts_jpeg_write(const char *path, ts_tensor *img, int quality);
+
+/* A loader: decode workers (pthreads of their own, not the compute pool) prepare up to `prefetch`
+   batches ahead of ts_data_loader_next. Every random decision of a sample comes from the Philox
+   stream keyed by (seed, epoch, dataset index), so batches are identical whatever num_workers.
+   Each epoch shuffles the dataset (a permutation from (seed, epoch); shuffle = 0 keeps the order),
+   pads it by wrapping to a multiple of world_size and gives rank r positions r, r + world_size, ...
+   (torch's DistributedSampler); the rank's share is cut into batches, the last one dropped when
+   incomplete and drop_last. A file that cannot be read or decoded is skipped with one line on
+   stderr (once per file per loader) and counted; its batch slot takes the next sample of the rank's
+   epoch order (cyclically) that decodes, augmented with the skipped sample's random stream, so
+   batches keep their size. num_workers = 0 decodes in the caller's thread. */
+typedef struct ts_data_loader_options {
+  int64_t batch_size;
+  int64_t image_size;      /* output images are image_size x image_size */
+  double scale[2];         /* RandomResizedCrop's scale range (share of the image area) */
+  double ratio[2];         /* its aspect-ratio range (width / height) */
+  double hflip;            /* probability of a horizontal flip */
+  int32_t normalize;       /* 1: (x - mean) / std after ToTensor; 0: x = v / 255 */
+  double mean[3], std[3];
+  uint64_t seed;
+  int32_t num_workers, prefetch;
+  int64_t rank, world_size;
+  int32_t drop_last, shuffle;
+  int32_t dct_scaling;     /* 1: decode JPEGs at 1/2, 1/4 or 1/8 scale when the crop stays at least
+                              image_size there (faster; 0 reproduces full-size decoding exactly) */
+} ts_data_loader_options;
+/* MAE's pre-training defaults: batch 64, 224, scale (0.2, 1), ratio (3/4, 4/3), flip 0.5,
+   ImageNet mean/std, seed 0, 2 workers, prefetch 2, rank 0 of 1, drop_last, shuffle, dct_scaling. */
+void ts_data_loader_default_options(ts_data_loader_options *o);
+typedef struct ts_data_loader ts_data_loader;
+typedef struct ts_data_loader_state { int64_t epoch, batch; uint64_t seed; } ts_data_loader_state;
+ts_data_loader *ts_data_loader_new(ts_data_dataset *d, const ts_data_loader_options *o);
+void ts_data_loader_close(ts_data_loader *l);                    /* NULL is ignored */
+int ts_data_loader_options_get(const ts_data_loader *l, ts_data_loader_options *out);
+int64_t ts_data_loader_num_batches(const ts_data_loader *l);     /* per epoch, for this rank */
+int64_t ts_data_loader_num_samples(const ts_data_loader *l);     /* this rank's share of an epoch */
+/* Starts epoch `epoch` (>= 0) at batch 0; a no-op when that epoch has started and not moved yet. */
+int ts_data_loader_set_epoch(ts_data_loader *l, int64_t epoch);
+/* The next batch: images float32 [B, 3, S, S], labels int64 [B], indices int64 [B] (the dataset
+   index of each image); returns 1 with a batch (new references), 0 at the end of the epoch (the
+   outputs NULL), -1 on error. */
+int ts_data_loader_next(ts_data_loader *l, ts_tensor **images, ts_tensor **labels, ts_tensor **indices);
+/* (epoch, next batch, seed): setting a state read earlier continues exactly where it was. */
+int ts_data_loader_get_state(const ts_data_loader *l, ts_data_loader_state *out);
+int ts_data_loader_set_state(ts_data_loader *l, const ts_data_loader_state *s);
+/* Files skipped in the batches of the current epoch delivered so far. */
+int64_t ts_data_loader_skipped(const ts_data_loader *l);
+
+/* ---- device out-of-memory hook ------------------------------------------------------------------ */
+/* A device allocator (CUDA) that has run out of memory gives back its cached blocks and, when that
+   is not enough, calls fn before its last retry; the Lua binding registers a full garbage
+   collection, which frees tensors only unreachable Lua values still hold. fn runs on the
+   allocating thread, and only when that is the thread that registered it; never re-entered.
+   NULL removes it. */
+void ts_set_oom_callback(void (*fn)(void));
+
+/* Whether float32 matrix products (matmul, bmm, linear) and convolutions (cuDNN) on
+   CUDA devices may use TF32 tensor cores (10-bit mantissa inputs, float32 accumulation): off by
+   default. Returns the previous setting; kept in every build. */
+int ts_cuda_set_allow_tf32(int allow);
+int ts_cuda_get_allow_tf32(void);
 
 /* ---- CUDA (always declared; answers "not available" without a GPU or a CUDA build) ----------- */
 int ts_cuda_compiled(void);

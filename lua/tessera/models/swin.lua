@@ -53,8 +53,10 @@ end
 function WindowAttention:forward(x, pos, mask, nW)
   local Bw, N, C = x:size(0), x:size(1), x:size(2)
   local B, H, hd = Bw / nW, self.num_heads, C / self.num_heads
-  local d = pos:unsqueeze(2) - pos:unsqueeze(3)
-  local bias = self.posmlp(d:sign() * d:abs():log1p())         -- [P * nW, H, N, N]
+  -- posmlp (Conv1x1, ReLU, Conv1x1) on sign(d) log(1 + |d|) of d = pos[j] - pos[i], fused: the
+  -- [P * nW, posmlp_dim, N, N] hidden layer is never stored
+  local fc1, fc2 = self.posmlp['0'], self.posmlp['2']
+  local bias = T.F.relative_position_bias(pos, fc1.weight, fc1.bias, fc2.weight, fc2.bias) -- [P * nW, H, N, N]
   local P = bias:size(0) / nW
   bias = bias:view(P, nW, H, N, N)
   if mask then bias = bias + mask:view(1, nW, 1, N, N) end
