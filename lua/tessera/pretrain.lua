@@ -83,6 +83,7 @@ function P.train(cfg, run, method)
   run:log{ event = 'start', held_out_loss = loss0, lr = lr, params = model:num_parameters(true) }
 
   local step, started = start_epoch * iters + start_iter, clock()
+  local first_step = step
   local images_seen = 0
   for epoch = start_epoch, cfg.epochs - 1 do
     loader:set_epoch(epoch)
@@ -106,6 +107,14 @@ function P.train(cfg, run, method)
         if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step % cfg.accum_iter == 0 then
           run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = epoch, iter = it + 1,
             extra = { loss0 = loss0, losses = losses } }
+        end
+        -- a time-boxed run (stop_after steps in this process) leaves a checkpoint to resume from
+        if cfg.stop_after > 0 and step - first_step >= cfg.stop_after then
+          run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = epoch, iter = it + 1,
+            extra = { loss0 = loss0, losses = losses } }
+          run:summary(string.format('stopped after %d steps (stop_after); resume with --resume %s', cfg.stop_after,
+            run.output_dir .. '/checkpoint.safetensors'))
+          return { loss0 = loss0, steps = step, stopped = true }
         end
       end
       it = it + 1
