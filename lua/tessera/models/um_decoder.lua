@@ -56,7 +56,7 @@ end
 -- Position rows for the visible tokens, which arrive in 2x2-group order. The official code takes
 -- the visible patches' positions in raster order instead (the "decoder position quirk", kept by
 -- default for parity); 'corrected' gives each token its own patch's position.
-local function visible_positions(model, pos_table, mask, pos_raster_visible)
+function D.visible_positions(model, pos_table, mask, pos_raster_visible)
   if model.config.decoder_pos == 'official' then return pos_raster_visible end
   local N, Lp = mask:size(0), mask:size(1)
   local Mp = math.floor(math.sqrt(Lp) + 0.5)
@@ -82,7 +82,7 @@ function D.forward_decoder(model, latent, mask)
   local Lp = mask:size(1)
   local pos_table = model.decoder_pos_embed:expand(N, Lp, dim)
   local pos = L.take_rows(pos_table, order)
-  local pos_vis = visible_positions(model, pos_table, mask, pos:narrow(1, 0, V))
+  local pos_vis = D.visible_positions(model, pos_table, mask, pos:narrow(1, 0, V))
   x = T.cat({ x_vis + pos_vis, model.mask_token + pos:narrow(1, V, Lp - V) }, 1)
   for _, blk in model.decoder_blocks:iter() do x = blk(x) end
   return model.decoder_pred(model.decoder_norm(x)), Lp - V
