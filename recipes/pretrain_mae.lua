@@ -38,12 +38,7 @@ function method.masks(cfg, n, generator)
   return T.masks.uniform(n, side, side, { generator = generator }).mask
 end
 
--- the ViT decoder returns visible rows then removed rows, each in raster order
-function method.step(model, imgs, mask, generator)
-  local loss, pred = model(imgs, mask, { generator = generator })
-  local removed = mask[0]:to('int64'):sum():item()
-  return loss, pred:narrow(1, pred:size(1) - removed, removed)
-end
+method.step = pretrain.masked_autoencoder_step
 
 return {
   description = 'MAE pre-training of a ViT with random, grid-wise, uniform or uniform-masking sampling',

@@ -41,12 +41,7 @@ function method.masks(cfg, n, generator)
   return T.masks.uniform(n, side, side, { generator = generator }).mask
 end
 
--- loss and the removed patches' predictions (the last R rows of the decoder output)
-function method.step(model, imgs, mask, generator)
-  local loss, pred = model(imgs, mask, { generator = generator })
-  local removed = mask[0]:to('int64'):sum():item()
-  return loss, pred:narrow(1, pred:size(1) - removed, removed)
-end
+method.step = pretrain.masked_autoencoder_step
 
 return {
   description = 'UM-MAE pre-training (uniform sampling + secondary masking) of Swin, PVT or ViT',

@@ -60,6 +60,14 @@ local function held_out(cfg, method)
   end
 end
 
+-- method.step for the MAE-style models (UM-MAE Swin/PVT, MAE ViT): their decoder output ends with
+-- the removed patches in raster order.
+function P.masked_autoencoder_step(model, imgs, mask, generator)
+  local loss, pred = model(imgs, mask, { generator = generator })
+  local removed = mask[0]:to('int64'):sum():item()
+  return loss, pred:narrow(1, pred:size(1) - removed, removed)
+end
+
 function P.train(cfg, run, method)
   local model = method.build(cfg)
   local lr = P.learning_rate(cfg)

@@ -23,6 +23,14 @@ function L.args(class, given, defaults)
   return out
 end
 
+-- A copy of `defaults` with `overrides` applied (factories build on the official configurations).
+function L.merge(defaults, overrides)
+  local out = {}
+  for k, v in pairs(defaults) do out[k] = v end
+  for k, v in pairs(overrides or {}) do out[k] = v end
+  return out
+end
+
 function L.norm_eps(norm_layer)
   if type(norm_layer) == 'number' then return norm_layer end
   if type(norm_layer) == 'table' then
@@ -79,10 +87,9 @@ function L.merge_heads(t)
   return t:transpose(1, 2):reshape(B, N, H * hd)
 end
 
+-- q, k and v go to the attention packed as the qkv projection made them (no split, no merge copy).
 function Attention:forward(x, bias)
-  local q, k, v = L.split_heads(self.qkv(x), 3, self.num_heads)
-  local o = T.F.scaled_dot_product_attention(q, k, v, { bias = bias, scale = self.scale })
-  return self.proj(L.merge_heads(o))
+  return self.proj(T.F.packed_attention(self.qkv(x), self.num_heads, { bias = bias, scale = self.scale }))
 end
 
 -- timm's pre-norm transformer Block (the ViT encoder and every MAE decoder).

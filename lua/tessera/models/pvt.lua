@@ -25,14 +25,13 @@ function Attention:__init(dim, num_heads, sr_ratio)
 end
 
 function Attention:forward(x, H, W)
-  local B, N, C = x:size(0), x:size(1), x:size(2)
-  local q = L.split_heads(self.q(x), 1, self.num_heads)
+  local B, C = x:size(0), x:size(2)
   local grid = x:permute(0, 2, 1):reshape(B, C, H, W)
   if self.sr_ratio > 1 then grid = T.F.avg_pool2d(grid, self.sr_ratio) end
   local reduced = self.norm(self.sr(grid):reshape(B, C, -1):permute(0, 2, 1))
-  local k, v = L.split_heads(self.kv(reduced), 2, self.num_heads)
-  local o = T.F.scaled_dot_product_attention(q, k, v, { scale = self.scale })
-  return self.proj(L.merge_heads(o))
+  -- heads straight from the q and kv projections, merged in the output
+  local o = T.F.packed_attention(self.q(x), self.num_heads, { kv = self.kv(reduced), scale = self.scale })
+  return self.proj(o)
 end
 
 -- A 2x2 stride-2 conv (no norm).
@@ -232,12 +231,7 @@ function PVT:forward(imgs) return self.head(self.fc_norm(self:forward_features(i
 function PVT:no_weight_decay() return { pos_embed = true } end
 
 -- ---- factories -------------------------------------------------------------------------------------
-local function with(defaults, kwargs)
-  local a = {}
-  for k, v in pairs(defaults) do a[k] = v end
-  for k, v in pairs(kwargs or {}) do a[k] = v end
-  return a
-end
+local with = L.merge
 
 local small = { img_size = 256, patch_size = 4, in_chans = 3, embed_dims = { 64, 128, 320, 512 }, depths = { 3, 4, 6, 3 },
   num_heads = { 1, 2, 5, 8 }, mlp_ratios = { 8, 8, 4, 4 }, norm_layer = { type = 'LayerNorm', eps = 1e-6 } }

@@ -304,12 +304,7 @@ function Swin:forward(imgs)
 end
 
 -- ---- factories (the official configurations) ------------------------------------------------------
-local function with(defaults, kwargs)
-  local a = {}
-  for k, v in pairs(defaults) do a[k] = v end
-  for k, v in pairs(kwargs or {}) do a[k] = v end
-  return a
-end
+local with = L.merge
 
 local tiny = { img_size = 256, patch_size = 4, in_chans = 3, stride = 16, embed_dim = 96, depths = { 2, 2, 6, 2 },
   num_heads = { 3, 6, 12, 24 }, mlp_ratio = 4, window_size = 8, norm_layer = { type = 'LayerNorm', eps = 1e-6 } }

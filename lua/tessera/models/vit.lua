@@ -164,12 +164,7 @@ end
 function VisionTransformer:no_weight_decay() return { pos_embed = true, cls_token = true } end
 
 -- ---- factories ---------------------------------------------------------------------------------------
-local function with(defaults, kwargs)
-  local a = {}
-  for k, v in pairs(defaults) do a[k] = v end
-  for k, v in pairs(kwargs or {}) do a[k] = v end
-  return a
-end
+local with = L.merge
 
 local base = { patch_size = 16, embed_dim = 768, depth = 12, num_heads = 12, mlp_ratio = 4,
   norm_layer = { type = 'LayerNorm', eps = 1e-6 } }
