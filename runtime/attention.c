@@ -9,10 +9,10 @@
  * One node records the whole op. It saves the prepared blocks, the bias view, the output and the
  * per-row log-sum-exp; backward recomputes the probabilities from them (no [Nq, Nk] matrix is kept
  * between forward and backward). */
-#include "autograd.h"
-#include "backend.h"
+#include "nn.h"
 
 #include <math.h>
+#include <string.h>
 
 static const char *const OP = "scaled_dot_product_attention";
 
@@ -210,16 +210,16 @@ static int give_block_grad(ts_node *n, int input, ts_tensor *t, ts_tensor **grad
   return give_grad(n, input, t, nlead + 2, shape, grads);
 }
 
-/* The bias gradient [E'..., Nq, Nk] handed back with the bias's own leading dims. */
-static int give_bias_grad(ts_node *n, ts_tensor *t, ts_tensor **grads) {
+/* The bias gradient [E'..., Nq, Nk] handed back to input `input` with the bias's own leading dims. */
+static int give_bias_grad(ts_node *n, int input, ts_tensor *t, ts_tensor **grads) {
   if (!t) return TS_OK;
-  const ts_edge *e = ts_node_input(n, 3);
+  const ts_edge *e = ts_node_input(n, input);
   int nlead = e->ndim > 2 ? e->ndim - 2 : 0;
   int64_t shape[TS_MAX_DIMS];
   for (int d = 0; d < nlead; d++) shape[d] = e->shape[d];
   shape[nlead] = t->shape[t->ndim - 2];
   shape[nlead + 1] = t->shape[t->ndim - 1];
-  return give_grad(n, 3, t, nlead + 2, shape, grads);
+  return give_grad(n, input, t, nlead + 2, shape, grads);
 }
 
 /* An uninitialised gradient shaped like saved block tensor `like`, when input `input` needs one. */
@@ -228,8 +228,9 @@ static ts_tensor *grad_buffer(ts_scope *s, ts_node *n, int input, const ts_tenso
   return ts_scope_keep(s, ts_empty(like->ndim, like->shape, like->dtype, like->device));
 }
 
-static ts_tensor *bias_grad_buffer(ts_scope *s, ts_node *n, const ts_tensor *bias) {
-  if (s->failed || !bias || !ts_node_needs_grad(n, 3)) return NULL;
+/* The bias gradient buffer [E'..., Nq, Nk] when input `input` (the bias) needs one. */
+static ts_tensor *bias_grad_buffer(ts_scope *s, ts_node *n, int input, const ts_tensor *bias) {
+  if (s->failed || !bias || !ts_node_needs_grad(n, input)) return NULL;
   int nblock = bias->ndim - 2;
   int64_t shape[TS_MAX_DIMS];
   for (int d = 0; d < nblock; d++) shape[d] = n->i[KEPT + d] ? bias->shape[d] : 1;
@@ -251,12 +252,12 @@ static int attention_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
   ts_tensor *dense = s.failed ? NULL : ts_scope_keep(&s, ts_contiguous(cast));
   ts_tensor *dout = s.failed ? NULL : ts_scope_keep(&s, ts_view(dense, 3, out->shape));
   ts_tensor *dq = grad_buffer(&s, n, 0, q), *dk = grad_buffer(&s, n, 1, k), *dv = grad_buffer(&s, n, 2, v);
-  ts_tensor *dbias = bias_grad_buffer(&s, n, bias);
+  ts_tensor *dbias = bias_grad_buffer(&s, n, 3, bias);
   if (!s.failed && q->shape[0] > 0 &&
       be->attention_backward(dq, dk, dv, dbias, dout, q, k, v, bias, out, lse, n->d[0]))
     s.failed = 1;
   if (!s.failed && (give_block_grad(n, 0, dq, grads) || give_block_grad(n, 1, dk, grads) ||
-                    give_block_grad(n, 2, dv, grads) || give_bias_grad(n, dbias, grads)))
+                    give_block_grad(n, 2, dv, grads) || give_bias_grad(n, 3, dbias, grads)))
     s.failed = 1;
   return ts_scope_close(&s);
 }
@@ -295,5 +296,259 @@ ts_tensor *ts_attention(ts_tensor *q, ts_tensor *k, ts_tensor *v, ts_tensor *bia
   ts_tensor *inputs[4] = {q, k, v, bias};
   if (out) out = record(&s, out, inputs, scale, &b);
   release_blocks(&b);
+  return out;
+}
+
+/* ---- attention on packed projections ---------------------------------------------------------- */
+/* ts_attention_packed reads the heads straight out of the projection that made them: q, k and v of
+ * head h are column ranges [h·hd, h·hd + hd) of the D-wide parts of qkv [..., N, 3·D] (or of q
+ * [..., Nq, D] and kv [..., Nk, 2·D]), the output is written with its heads merged [..., Nq, D],
+ * and the backward writes the gradient of qkv (or q and kv) in that packed layout. The split into
+ * heads (a select per part, each of which back-propagates by filling an input-sized tensor with
+ * zeros) and the merge (a copy each way) disappear. The backend sees strided head views
+ * [B, H, N, hd], B the product of the leading dims (attention_views); without that entry the op is
+ * computed from views and ts_attention. */
+static const char *const PACKED = "packed_attention";
+
+typedef struct {
+  attn_shape s;        /* lead = the leading dims of q, then the heads */
+  int nbatch;          /* leading dims of q */
+  int64_t batch;       /* their product B */
+  int64_t heads, width; /* H and D = H·hd */
+  int packed_qkv;      /* kv is NULL: q holds q, k and v */
+} packed_shape;
+
+static int check_packed(packed_shape *ps, const ts_tensor *q, const ts_tensor *kv, int64_t heads,
+                        const ts_tensor *bias) {
+  if (!q) return ts_set_error(TS_ERR_ARG, "%s: q is NULL", PACKED);
+  if (q->ndim < 2 || q->ndim > TS_MAX_DIMS - 1)
+    return ts_set_error(TS_ERR_SHAPE, "%s: q must have 2 to %d dims [..., N, features], got %s", PACKED, TS_MAX_DIMS - 1,
+                        ts_tshape(q));
+  if (heads < 1) return ts_set_error(TS_ERR_ARG, "%s: num_heads must be positive, got %lld", PACKED, (long long)heads);
+  if (!ts_dtype_is_floating(q->dtype) || (kv && kv->dtype != q->dtype))
+    return ts_set_error(TS_ERR_DTYPE, "%s: q and kv must share one floating dtype, got %s and %s", PACKED,
+                        ts_dtype_name(q->dtype), kv ? ts_dtype_name(kv->dtype) : "none");
+  if (bias && !ts_dtype_is_floating(bias->dtype))
+    return ts_set_error(TS_ERR_DTYPE, "%s: the bias is added to the scores and must be floating, got %s", PACKED,
+                        ts_dtype_name(bias->dtype));
+  if ((kv && ts_same_device(PACKED, q, kv)) || (bias && ts_same_device(PACKED, q, bias))) return ts_last_status();
+  int64_t w = q->shape[q->ndim - 1], parts = kv ? 1 : 3;
+  if (w % (parts * heads))
+    return ts_set_error(TS_ERR_SHAPE, "%s: the last dim of %s %s must be %s num_heads (%lld) times the head size",
+                        PACKED, kv ? "q" : "qkv", ts_tshape(q), kv ? "" : "3 x", (long long)heads);
+  ps->packed_qkv = !kv;
+  ps->heads = heads;
+  ps->width = w / parts;
+  ps->nbatch = q->ndim - 2;
+  attn_shape *s = &ps->s;
+  s->nq = q->shape[q->ndim - 2];
+  s->nk = s->nq;
+  s->d = s->dv = ps->width / heads;
+  if (kv) {
+    if (kv->ndim != q->ndim || memcmp(kv->shape, q->shape, (size_t)ps->nbatch * sizeof(int64_t)) ||
+        kv->shape[kv->ndim - 1] != 2 * ps->width)
+      return ts_set_error(TS_ERR_SHAPE, "%s: kv must be [..., Nk, %lld] with q's leading dims for q %s, got %s", PACKED,
+                          (long long)(2 * ps->width), ts_tshape(q), ts_tshape(kv));
+    s->nk = kv->shape[kv->ndim - 2];
+  }
+  ps->batch = 1;
+  for (int d = 0; d < ps->nbatch; d++) {
+    s->lead[d] = q->shape[d];
+    ps->batch *= q->shape[d];
+  }
+  s->lead[ps->nbatch] = heads;
+  s->nlead = ps->nbatch + 1;
+  s->heads = ps->batch * heads;
+  return bias ? align_bias(s, bias) : TS_OK;
+}
+
+/* Head `part` (0 q, 1 k, 2 v) of a dense packed tensor t [..., N, W] as a view [B, H, N, hd] that
+   starts `col` columns in. */
+static ts_tensor *head_view(const packed_shape *ps, ts_tensor *t, int64_t col) {
+  int64_t n = t->shape[t->ndim - 2], w = t->shape[t->ndim - 1], hd = ps->width / ps->heads;
+  int64_t shape[4] = {ps->batch, ps->heads, n, hd}, stride[4] = {n * w, hd, w, 1};
+  return ts_tensor_over(t->storage, 4, shape, stride, t->offset + col, t->dtype);
+}
+
+typedef struct { ts_tensor *q, *k, *v; } head_views;
+
+static void release_views(head_views *v) {
+  ts_release(v->q);
+  ts_release(v->k);
+  ts_release(v->v);
+}
+
+/* The q, k and v head views of the dense packed inputs (qd, and kvd unless qkv is packed). */
+static int views_of(const packed_shape *ps, ts_tensor *qd, ts_tensor *kvd, head_views *v) {
+  ts_tensor *src = ps->packed_qkv ? qd : kvd;
+  int64_t k0 = ps->packed_qkv ? ps->width : 0;
+  if (!(v->q = head_view(ps, qd, 0)) || !(v->k = head_view(ps, src, k0)) || !(v->v = head_view(ps, src, k0 + ps->width)))
+    return ts_last_status();
+  return TS_OK;
+}
+
+/* The [B, H, N, hd] view of a dense [..., N, D] tensor whose heads are merged. */
+static ts_tensor *merged_view(const packed_shape *ps, ts_tensor *t) { return head_view(ps, t, 0); }
+
+/* What the packed forward keeps for the backward. */
+typedef struct { ts_tensor *q, *kv, *bias, *out, *lse; } packed_saved;
+
+static void release_saved(packed_saved *b) {
+  ts_tensor *all[5] = {b->q, b->kv, b->bias, b->out, b->lse};
+  for (int i = 0; i < 5; i++) ts_release(all[i]);
+}
+
+static int packed_forward(const packed_shape *ps, const ts_backend *be, int compute, ts_tensor *q, ts_tensor *kv,
+                          ts_tensor *bias, double scale, packed_saved *b) {
+  const attn_shape *s = &ps->s;
+  int64_t out_shape[TS_MAX_DIMS], lse_shape[2] = {s->heads, s->nq};
+  memcpy(out_shape, q->shape, (size_t)q->ndim * sizeof(int64_t));
+  out_shape[q->ndim - 1] = ps->width;
+  if (!(b->q = ts_nn_dense(q, compute)) || (kv && !(b->kv = ts_nn_dense(kv, compute))) ||
+      (bias && !(b->bias = bias_view(bias, compute, s))) || !(b->out = ts_empty(q->ndim, out_shape, compute, q->device)) ||
+      !(b->lse = ts_empty(2, lse_shape, compute, q->device)))
+    return ts_last_status();
+  if (s->heads * s->nq == 0) return TS_OK;
+  head_views v = {0};
+  ts_tensor *out = NULL;
+  int st = views_of(ps, b->q, b->kv, &v);
+  if (!st) st = (out = merged_view(ps, b->out)) ? be->attention_views(out, b->lse, v.q, v.k, v.v, b->bias, scale)
+                                                : ts_last_status();
+  ts_release(out);
+  release_views(&v);
+  return st;
+}
+
+/* Node parameters as ts_attention's (i[0], i[1..], i[KEPT..], d[0]); i[KEPT + TS_MAX_DIMS] = heads. */
+enum { PACKED_HEADS = KEPT + TS_MAX_DIMS };
+
+/* Rebuilds the shape from a node: only what the backward needs. */
+static void shape_of_node(const ts_node *n, const ts_tensor *q, const ts_tensor *kv, packed_shape *ps) {
+  memset(ps, 0, sizeof *ps);
+  ps->packed_qkv = !kv;
+  ps->heads = n->i[PACKED_HEADS];
+  ps->width = q->shape[q->ndim - 1] / (kv ? 1 : 3);
+  ps->nbatch = q->ndim - 2;
+  ps->batch = 1;
+  for (int d = 0; d < ps->nbatch; d++) ps->batch *= q->shape[d];
+}
+
+static int packed_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
+  ts_tensor *b[5] = {NULL};
+  for (int i = 0; i < 5; i++)
+    if (n->saved[i] && !(b[i] = ts_node_saved(n, i))) return ts_last_status();
+  ts_tensor *q = b[0], *kv = b[1], *bias = b[2], *out = b[3], *lse = b[4];
+  if (!q || !out || !lse) return ts_set_error(TS_ERR_ARG, "%s backward: saved tensors are missing", PACKED);
+  const ts_backend *be = ts_backend_for(q->device);
+  if (!be || TS_BACKEND_FN(be, attention_views_backward, PACKED, q->device)) return ts_last_status();
+  packed_shape ps;
+  shape_of_node(n, q, kv, &ps);
+  ts_scope s = {0};
+  ts_tensor *dense = ts_scope_keep(&s, ts_nn_dense(g, q->dtype));
+  /* the packed gradients: dq (all of dqkv when packed) and dkv */
+  ts_tensor *dq = grad_buffer(&s, n, 0, q), *dkv = kv ? grad_buffer(&s, n, 1, kv) : NULL;
+  ts_tensor *dbias = bias_grad_buffer(&s, n, 2, bias);
+  head_views v = {0}, dv = {0};
+  ts_tensor *o4 = NULL, *do4 = NULL;
+  if (!s.failed && lse->shape[0] * lse->shape[1] > 0) {
+    int st = views_of(&ps, q, kv, &v);
+    if (!st && dq) st = (dv.q = head_view(&ps, dq, 0)) ? TS_OK : ts_last_status();
+    ts_tensor *dsrc = ps.packed_qkv ? dq : dkv;
+    int64_t k0 = ps.packed_qkv ? ps.width : 0;
+    if (!st && dsrc && (!(dv.k = head_view(&ps, dsrc, k0)) || !(dv.v = head_view(&ps, dsrc, k0 + ps.width))))
+      st = ts_last_status();
+    if (!st && (!(o4 = merged_view(&ps, out)) || !(do4 = merged_view(&ps, dense)))) st = ts_last_status();
+    if (!st) st = be->attention_views_backward(dv.q, dv.k, dv.v, dbias, do4, v.q, v.k, v.v, bias, o4, lse, n->d[0]);
+    if (st) s.failed = 1;
+  } else if (!s.failed) { /* no rows or no keys: the packed gradients are zero */
+    ts_tensor *bufs[3] = {dq, dkv, dbias};
+    for (int k = 0; k < 3; k++)
+      if (bufs[k] && be->fill(bufs[k], 0.0)) s.failed = 1;
+  }
+  ts_release(o4);
+  ts_release(do4);
+  release_views(&v);
+  release_views(&dv);
+  if (!s.failed && ((dq && ts_set_input_grad(n, 0, dq, grads)) || (dkv && ts_set_input_grad(n, 1, dkv, grads)) ||
+                    give_bias_grad(n, 2, dbias, grads)))
+    s.failed = 1;
+  return ts_scope_close(&s);
+}
+
+static ts_tensor *packed_record(const packed_shape *ps, ts_tensor *out, ts_tensor *const inputs[3], double scale,
+                                const packed_saved *b) {
+  ts_node *n = ts_grad_node(PACKED, packed_backward, 3, inputs);
+  if (!n) return out;
+  const attn_shape *s = &ps->s;
+  n->d[0] = scale;
+  n->i[0] = s->nlead;
+  for (int d = 0; d < s->nlead; d++) n->i[1 + d] = s->lead[d];
+  for (int d = 0; d < s->nblock; d++) n->i[KEPT + d] = s->bias_dim[d] >= 0;
+  n->i[PACKED_HEADS] = ps->heads;
+  ts_tensor *save[5] = {b->q, b->kv, b->bias, b->out, b->lse};
+  for (int i = 0; i < 5; i++)
+    if (ts_node_save(n, save[i])) {
+      ts_node_release(n);
+      ts_release(out);
+      return NULL;
+    }
+  return ts_node_finish(n, out);
+}
+
+/* For a device without attention_views: split the heads with views, ts_attention, merge them. */
+static ts_tensor *packed_composite(const packed_shape *ps, ts_tensor *q, ts_tensor *kv, ts_tensor *bias, double scale) {
+  int nb = ps->nbatch;
+  int64_t hd = ps->width / ps->heads, shape[TS_MAX_DIMS + 1];
+  int perm[TS_MAX_DIMS + 1];
+  ts_scope sc = {0};
+  ts_tensor *parts[3] = {NULL};
+  ts_tensor *sources[2] = {q, ps->packed_qkv ? q : kv};
+  for (int src = 0; src < (ps->packed_qkv ? 1 : 2); src++) {
+    ts_tensor *t = sources[src];
+    int count = ps->packed_qkv ? 3 : src == 0 ? 1 : 2;
+    /* [..., N, count, H, hd] → [count, ..., H, N, hd] */
+    memcpy(shape, t->shape, (size_t)(nb + 1) * sizeof(int64_t));
+    shape[nb + 1] = count;
+    shape[nb + 2] = ps->heads;
+    shape[nb + 3] = hd;
+    perm[0] = nb + 1;
+    for (int d = 0; d < nb; d++) perm[1 + d] = d;
+    perm[nb + 1] = nb + 2;
+    perm[nb + 2] = nb;
+    perm[nb + 3] = nb + 3;
+    ts_tensor *split = sc.failed ? NULL : ts_scope_keep(&sc, ts_reshape(t, nb + 4, shape));
+    ts_tensor *moved = sc.failed ? NULL : ts_scope_keep(&sc, ts_permute(split, nb + 4, perm));
+    for (int k = 0; k < count && !sc.failed; k++)
+      parts[ps->packed_qkv ? k : src + k] = ts_scope_keep(&sc, ts_select(moved, 0, k));
+  }
+  ts_tensor *o = sc.failed ? NULL : ts_scope_keep(&sc, ts_attention(parts[0], parts[1], parts[2], bias, scale));
+  /* [..., H, Nq, hd] → [..., Nq, H, hd] → [..., Nq, D] */
+  ts_tensor *back = sc.failed ? NULL : ts_scope_keep(&sc, ts_transpose(o, nb, nb + 1));
+  memcpy(shape, q->shape, (size_t)(nb + 1) * sizeof(int64_t));
+  shape[nb + 1] = ps->width;
+  ts_tensor *out = sc.failed ? NULL : ts_reshape(back, nb + 2, shape);
+  if (ts_scope_close(&sc)) {
+    ts_release(out);
+    return NULL;
+  }
+  return out;
+}
+
+ts_tensor *ts_attention_packed(ts_tensor *q, ts_tensor *kv, int64_t heads, ts_tensor *bias, double scale) {
+  packed_shape ps;
+  memset(&ps, 0, sizeof ps);
+  if (check_packed(&ps, q, kv, heads, bias)) return NULL;
+  if (isnan(scale)) scale = ps.s.d > 0 ? 1.0 / sqrt((double)ps.s.d) : 1.0;
+  const ts_backend *be = ts_backend_for(q->device);
+  if (!be) return NULL;
+  if (!be->attention_views || !be->attention_views_backward) return packed_composite(&ps, q, kv, bias, scale);
+  int compute = be->compute_dtype(q->dtype);
+  int previous = ts_set_grad_enabled(0);
+  packed_saved b = {0};
+  ts_tensor *out = packed_forward(&ps, be, compute, q, kv, bias, scale, &b) ? NULL : ts_to_dtype(b.out, q->dtype);
+  ts_set_grad_enabled(previous);
+  ts_tensor *inputs[3] = {q, kv, bias};
+  if (out) out = packed_record(&ps, out, inputs, scale, &b);
+  release_saved(&b);
   return out;
 }

@@ -168,6 +168,17 @@ typedef struct ts_backend {
   int (*attention_backward)(ts_tensor *dq, ts_tensor *dk, ts_tensor *dv, ts_tensor *dbias, const ts_tensor *dout,
                             const ts_tensor *q, const ts_tensor *k, const ts_tensor *v, const ts_tensor *bias,
                             const ts_tensor *out, const ts_tensor *lse, double scale);
+  /* The same on strided head views (ts_attention_packed): q [B, H, Nq, D], k [B, H, Nk, D],
+     v [B, H, Nk, Dv] and out [B, H, Nq, Dv] in the compute dtype, each with contiguous rows (unit
+     last stride) and any other strides, so that they can be column ranges of packed projections
+     [B, N, 3·H·D]; lse [B·H, Nq] contiguous; the bias as above with E enumerating the B·H heads
+     row-major. The backward's dq, dk, dv (NULL when not wanted) and dout are views laid out like q,
+     k, v and out; dq, dk and dv may be disjoint column ranges of one tensor. */
+  int (*attention_views)(ts_tensor *out, ts_tensor *lse, const ts_tensor *q, const ts_tensor *k, const ts_tensor *v,
+                         const ts_tensor *bias, double scale);
+  int (*attention_views_backward)(ts_tensor *dq, ts_tensor *dk, ts_tensor *dv, ts_tensor *dbias,
+                                  const ts_tensor *dout, const ts_tensor *q, const ts_tensor *k, const ts_tensor *v,
+                                  const ts_tensor *bias, const ts_tensor *out, const ts_tensor *lse, double scale);
   /* Continuous relative position bias (ts_relative_position_bias) in the compute dtype, every tensor
      contiguous: pos [W, C, N], w1 [P, C], b1 [P], w2 [H, P], b2 [H] (b1, b2 may be NULL), out
      [W, H, N, N], W·N > 0. The backward recomputes the hidden layer from pos and writes those of

@@ -5,7 +5,7 @@
  * ops it materializes [windows, P, N, N] hidden activations (67 MB per stage-1 block of UM-MAE
  * Swin-T at batch 8) and their gradients; here the kernel computes each query row's hidden layer
  * in scratch and the backward recomputes it. One autograd node; pos, w1, b1, w2 and b2 all get
- * gradients. */
+ * gradients. A device without the fused kernel gets the same result from public ops. */
 #include "nn.h"
 
 #include <string.h>
@@ -117,12 +117,37 @@ static int position_bias_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
   return ts_scope_close(&sc);
 }
 
+/* ---- the composite, for devices without the fused kernel ---------------------------------------- */
+/* The same result from public ops (each records its own autograd): the features [W, C, N, N], then
+   conv1x1 → relu → conv1x1. Memory-hungry (it stores the hidden layer) but correct everywhere. */
+static ts_tensor *as_conv_weight(ts_scope *sc, ts_tensor *w) {
+  int64_t shape[4] = {w->shape[0], w->shape[1], 1, 1};
+  return ts_scope_keep(sc, ts_reshape(w, 4, shape));
+}
+
+static ts_tensor *composite(ts_tensor *pos, ts_tensor *w1, ts_tensor *b1, ts_tensor *w2, ts_tensor *b2) {
+  ts_scope sc = {0};
+  ts_tensor *keys = ts_scope_keep(&sc, ts_unsqueeze(pos, 2)), *queries = ts_scope_keep(&sc, ts_unsqueeze(pos, 3));
+  ts_tensor *d = ts_s_binary(&sc, TS_SUB, keys, queries); /* d[w, c, i, j] = pos[w, c, j] - pos[w, c, i] */
+  ts_tensor *f = ts_s_binary(&sc, TS_MUL, ts_s_unary(&sc, TS_SIGN, d), ts_s_unary(&sc, TS_LOG1P, ts_s_unary(&sc, TS_ABS, d)));
+  ts_tensor *k1 = sc.failed ? NULL : as_conv_weight(&sc, w1), *k2 = sc.failed ? NULL : as_conv_weight(&sc, w2);
+  ts_tensor *a = sc.failed ? NULL : ts_scope_keep(&sc, ts_conv2d(f, k1, b1, 1, 1, 0, 0, 1, 1, 1));
+  ts_tensor *hidden = ts_s_unary(&sc, TS_RELU, a);
+  ts_tensor *out = sc.failed ? NULL : ts_conv2d(hidden, k2, b2, 1, 1, 0, 0, 1, 1, 1);
+  if (ts_scope_close(&sc)) {
+    ts_release(out);
+    return NULL;
+  }
+  return out;
+}
+
 /* ---- the entry point --------------------------------------------------------------------------- */
 ts_tensor *ts_relative_position_bias(ts_tensor *pos, ts_tensor *w1, ts_tensor *b1, ts_tensor *w2, ts_tensor *b2) {
   pb_shape s = {0};
   if (check_inputs(&s, pos, w1, b1, w2, b2)) return NULL;
-  const ts_backend *be = TS_NN_BACKEND(pos, position_bias, OP);
+  const ts_backend *be = ts_backend_for(pos->device);
   if (!be) return NULL;
+  if (!be->position_bias || !be->position_bias_backward) return composite(pos, w1, b1, w2, b2);
   int compute = be->compute_dtype(pos->dtype);
   int64_t shape[4] = {s.windows, s.heads, s.tokens, s.tokens};
   int previous = ts_set_grad_enabled(0);

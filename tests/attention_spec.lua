@@ -400,3 +400,91 @@ describe('relative_position_bias', function()
     S.assert_error(function() rpb(pos, 'w1', b1, w2, b2) end, 'relative_position_bias', 'expected a tensor')
   end)
 end)
+
+-- ---- attention on packed projections ---------------------------------------------------------------
+local packed = T.F.packed_attention
+
+-- The reference: split the heads with views, scaled_dot_product_attention, merge them.
+local function packed_reference(q, kv, heads, bias, scale)
+  local nb = q:dim() - 2
+  local function heads_of(t, count)
+    local shape = t.shape
+    local n = shape[nb + 1]
+    local split = {}
+    for d = 1, nb do split[d] = shape[d] end
+    local hd = shape[nb + 2] / (count * heads)
+    for _, s in ipairs { n, count, heads, hd } do split[#split + 1] = s end
+    local perm = { nb + 1 }
+    for d = 0, nb - 1 do perm[#perm + 1] = d end
+    perm[#perm + 1] = nb + 2
+    perm[#perm + 1] = nb
+    perm[#perm + 1] = nb + 3
+    local moved = t:reshape(unpack(split)):permute(unpack(perm))
+    local parts = {}
+    for i = 0, count - 1 do parts[i + 1] = moved:select(0, i) end
+    return unpack(parts)
+  end
+  local qh, kh, vh
+  if kv then
+    qh = heads_of(q, 1)
+    kh, vh = heads_of(kv, 2)
+  else
+    qh, kh, vh = heads_of(q, 3)
+  end
+  local o = sdpa(qh, kh, vh, { bias = bias, scale = scale })
+  local shape = q.shape
+  shape[#shape] = qh:size(-1) * heads
+  return o:transpose(nb, nb + 1):reshape(unpack(shape))
+end
+
+describe('packed_attention', function()
+  it('matches splitting the heads, scaled_dot_product_attention and merging (qkv and q + kv)', function()
+    local qkv = rand({ 2, 5, 3 * 12 }, 300)
+    S.assert_close(packed(qkv, 3), packed_reference(qkv, nil, 3), 1e-12, 1e-13)
+    local bias = rand({ 3, 5, 5 }, 301, -2, 2)
+    S.assert_close(packed(qkv, 3, { bias = bias, scale = 0.4 }), packed_reference(qkv, nil, 3, bias, 0.4), 1e-12, 1e-13)
+    local q, kv = rand({ 2, 3, 7, 8 }, 302), rand({ 2, 3, 4, 16 }, 303)
+    local out = packed(q, 2, { kv = kv })
+    assert.same({ 2, 3, 7, 8 }, out.shape)
+    S.assert_close(out, packed_reference(q, kv, 2), 1e-12, 1e-13)
+  end)
+
+  it('takes the Swin layout: qkv [B, nW, N, 3C] with a [P, nW, H, N, N] bias, and strided inputs', function()
+    local B, nW, N, H, hd = 2, 3, 9, 2, 4
+    local qkv = rand({ B, nW, N, 3 * H * hd }, 310)
+    for _, P in ipairs { 1, B } do
+      local bias = rand({ P, nW, H, N, N }, 311 + P, -2, 2)
+      S.assert_close(packed(qkv, H, { bias = bias }), packed_reference(qkv, nil, H, bias), 1e-12, 1e-13)
+    end
+    local strided = rand({ 3 * H * hd, B, N }, 313):permute(1, 2, 0) -- [B, N, 3C], not contiguous
+    S.assert_close(packed(strided, H), packed_reference(strided, nil, H), 1e-12, 1e-13)
+  end)
+
+  it('passes gradcheck for qkv, q and kv, and the bias', function()
+    local qkv, bias = leaf({ 2, 4, 3 * 6 }, 320), leaf({ 1, 3, 4, 4 }, 321)
+    check_grad('packed qkv', function(x, b) return packed(x, 3, { bias = b }) end, { qkv, bias })
+    local q, kv = leaf({ 2, 3, 4 }, 322), leaf({ 2, 5, 8 }, 323)
+    check_grad('packed q kv', function(a, b) return packed(a, 2, { kv = b, scale = 0.6 }) end, { q, kv })
+    check_grad('packed q only', function(a) return packed(a, 2, { kv = kv:detach() }) end, { q })
+  end)
+
+  it('matches the reference gradients in float32 on a Swin block shape', function()
+    local qkv = rand({ 2, 4, 64, 3 * 96 }, 330):float():requires_grad_()
+    local bias = rand({ 2, 4, 3, 64, 64 }, 331):float():requires_grad_()
+    compare_with_composite({ qkv, bias }, function(x, b) return packed(x, 3, { bias = b }) end,
+      function(x, b) return packed_reference(x, nil, 3, b) end, 1e-5)
+  end)
+
+  it('names bad shapes, heads and options', function()
+    local qkv = rand({ 2, 4, 18 }, 340)
+    S.assert_error(function() packed(qkv, 4) end, 'packed_attention', 'last dim of qkv [2,4,18]', '3 x num_heads (4)')
+    S.assert_error(function() packed(qkv, 0) end, 'num_heads must be positive')
+    S.assert_error(function() packed(rand({ 2, 4, 6 }, 341), 2, { kv = rand({ 3, 4, 12 }, 342) }) end,
+      'kv must be [..., Nk, 12]', '[3,4,12]')
+    S.assert_error(function() packed(rand({ 2, 4, 6 }, 343), 2, { kv = rand({ 2, 4, 6 }, 344) }) end, 'kv must be')
+    S.assert_error(function() packed(qkv, 3, { bias = rand({ 2, 2, 4, 4 }, 345) }) end,
+      'bias [2,2,4,4] is not broadcastable to the attention scores [2,3,4,4]')
+    S.assert_error(function() packed(qkv, 3, { kv = qkv:float() }) end, 'one floating dtype')
+    S.assert_error(function() packed(qkv, 3, { dropout_p = 0.1 }) end, "unknown option 'dropout_p'")
+  end)
+end)

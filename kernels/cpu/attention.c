@@ -1,5 +1,10 @@
 /* attention.c — scaled dot-product attention on the CPU, flash-attention style.
  *
+ * One kernel serves both backend contracts: contiguous [BH, rows, cols] blocks (attention) and
+ * strided head views [B, H, rows, cols] with contiguous rows (attention_views), which read the
+ * heads straight out of packed projections such as timm's qkv Linear output and write outputs and
+ * gradients straight into packed layouts (see head_layout).
+ *
  * The work is cut into tiles of query rows of one (batch·head) block. A forward tile computes its
  * scores S = scale q kᵀ + bias, turns them into probabilities in place (the row max subtracted
  * first, so exp never overflows) and multiplies them by v. Only each row's log-sum-exp is kept;
@@ -73,8 +78,8 @@ typedef struct {
   void (*softmax_rows)(void *s, int64_t rows, int64_t cols, void *lse);
   /* rows of scores → exp(s - lse) in place */
   void (*probs_from_lse)(void *s, int64_t rows, int64_t cols, const void *lse);
-  /* out[i] = Σ_j a[i, j] b[i, j] */
-  void (*row_dots)(void *out, const void *a, const void *b, int64_t rows, int64_t cols);
+  /* out[i] = Σ_j a[i, j] b[i, j]; rows lda and ldb elements apart */
+  void (*row_dots)(void *out, const void *a, int64_t lda, const void *b, int64_t ldb, int64_t rows, int64_t cols);
   /* dp[i, j] = p[i, j] (dp[i, j] - delta[i]) */
   void (*softmax_grad)(void *dp, const void *p, int64_t rows, int64_t cols, const void *delta);
   void (*accumulate)(void *dst, const void *src, int64_t n); /* dst += src */
@@ -155,10 +160,11 @@ typedef struct {
     for (int64_t i = 0; i < rows; i++, s += cols)                                                      \
       if (!special_row_##SUF(s, cols, lse[i], &ignored)) exp_shifted_##SUF(s, cols, lse[i]);           \
   }                                                                                                    \
-  static void row_dots_##SUF(void *ov, const void *av, const void *bv, int64_t rows, int64_t cols) {   \
+  static void row_dots_##SUF(void *ov, const void *av, int64_t lda, const void *bv, int64_t ldb, int64_t rows, \
+                             int64_t cols) {                                                           \
     T *out = ov;                                                                                       \
     const T *restrict a = av, *restrict b = bv;                                                        \
-    for (int64_t i = 0; i < rows; i++, a += cols, b += cols) {                                         \
+    for (int64_t i = 0; i < rows; i++, a += lda, b += ldb) {                                           \
       T acc[LANES] = {0}, sum = 0;                                                                     \
       int64_t j = 0;                                                                                   \
       for (; j + LANES <= cols; j += LANES)                                                            \
@@ -250,16 +256,23 @@ static operand plain(const void *base, int64_t ld) { return (operand){base, Cbla
 static operand transposed(const void *base, int64_t ld) { return (operand){base, CblasTrans, ld}; }
 
 /* ---- the plan shared by all tasks ------------------------------------------------------------- */
+/* Where the matrix of head h of an operand is: heads h = b·H + j (H = `inner` heads per image,
+   whatever layout the operand has) start at base + b·outer + j·inner elements, rows ld apart, and
+   every row is contiguous. Contiguous [BH, rows, cols] blocks are H = 1, outer = rows·cols;
+   [B, N, 3·H·hd] packed projections are outer = N·3·H·hd, inner = hd, ld = 3·H·hd. */
+typedef struct { const char *base; int64_t outer, inner, ld; } head_layout;
+
 typedef struct {
   const real_ops *ops;
   size_t esz;
-  int64_t heads, nq, nk;
-  int64_t dim_qk, dim_v; /* q [heads, nq, dim_qk], k [heads, nk, dim_qk], v [heads, nk, dim_v] */
-  int64_t tile, tiles;   /* query rows per tile, tiles per head */
+  int64_t heads, inner, nq, nk; /* heads = B·inner (batch·head) blocks */
+  int64_t dim_qk, dim_v;        /* q [heads, nq, dim_qk], k [heads, nk, dim_qk], v [heads, nk, dim_v] */
+  int64_t tile, tiles;          /* query rows per tile, tiles per head */
   double scale;
-  const char *q, *k, *v, *out, *lse, *dout; /* contiguous [heads, rows, cols] */
-  char *out_w, *lse_w;                      /* forward outputs */
-  char *grad_q, *grad_k, *grad_v;           /* backward outputs, NULL when not wanted */
+  head_layout q, k, v, out, dout; /* out: written by forward, read by backward */
+  head_layout grad_q, grad_k, grad_v; /* backward outputs, base NULL when not wanted */
+  const char *lse;              /* [heads, nq] contiguous, read by backward */
+  char *lse_w;                  /* written by forward */
   /* bias: leading dims E enumerate the heads row-major; element strides, 0 where broadcast */
   const char *bias;
   int nlead;
@@ -272,6 +285,12 @@ typedef struct {
   char *dbias_acc; /* [parts][groups][nq * nk] */
   int failed;      /* a worker could not allocate its scratch */
 } plan;
+
+/* Row r of head h of an operand. */
+static char *row_of(const plan *p, head_layout x, int64_t h, int64_t r) {
+  int64_t off = (h / p->inner) * x.outer + (h % p->inner) * x.inner + r * x.ld;
+  return (char *)x.base + off * (int64_t)p->esz;
+}
 
 static int64_t bias_offset(const plan *p, int64_t h) {
   int64_t off = 0;
@@ -286,8 +305,8 @@ static int64_t bias_offset(const plan *p, int64_t h) {
 static void scores(const plan *p, int64_t h, int64_t r0, int64_t rows, char *s) {
   const real_ops *o = p->ops;
   size_t e = p->esz;
-  const char *q = p->q + (h * p->nq + r0) * p->dim_qk * (int64_t)e, *k = p->k + h * p->nk * p->dim_qk * (int64_t)e;
-  small_gemm(o, e, rows, p->nk, p->dim_qk, p->scale, plain(q, p->dim_qk), transposed(k, p->dim_qk), 0.0, s, p->nk);
+  small_gemm(o, e, rows, p->nk, p->dim_qk, p->scale, plain(row_of(p, p->q, h, r0), p->q.ld),
+             transposed(row_of(p, p->k, h, 0), p->k.ld), 0.0, s, p->nk);
   if (p->bias)
     o->add_bias(s, rows, p->nk, p->bias + (bias_offset(p, h) + r0 * p->bias_rs) * (int64_t)e, p->bias_rs, p->bias_cs);
 }
@@ -301,9 +320,8 @@ static void forward_tile(const plan *p, int64_t h, int64_t t, char *s) {
   int64_t r0 = t * p->tile, rows = min64(p->tile, p->nq - r0);
   scores(p, h, r0, rows, s);
   o->softmax_rows(s, rows, p->nk, p->lse_w + (h * p->nq + r0) * (int64_t)e);
-  const char *v = p->v + h * p->nk * p->dim_v * (int64_t)e;
-  char *out = p->out_w + (h * p->nq + r0) * p->dim_v * (int64_t)e;
-  small_gemm(o, e, rows, p->dim_v, p->nk, 1.0, plain(s, p->nk), plain(v, p->dim_v), 0.0, out, p->dim_v);
+  small_gemm(o, e, rows, p->dim_v, p->nk, 1.0, plain(s, p->nk), plain(row_of(p, p->v, h, 0), p->v.ld), 0.0,
+             row_of(p, p->out, h, r0), p->out.ld);
 }
 
 static void forward_range(int64_t begin, int64_t end, void *arg) {
@@ -321,31 +339,39 @@ static void forward_range(int64_t begin, int64_t end, void *arg) {
 /* Scratch of one task: P and dP tiles and the tile's row dots. */
 static size_t backward_scratch_size(const plan *p) { return (size_t)max64(1, p->tile * (2 * p->nk + 1)) * p->esz; }
 
+/* Zeros rows x cols of head h of x (a gradient summed over the query tiles). */
+static void zero_head(const plan *p, head_layout x, int64_t h, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; r++) p->ops->scale(row_of(p, x, h, r), cols, 0.0);
+}
+
 /* The gradients of head h; dS is also added into acc ([nq, nk]) when the bias needs a gradient. */
 static void backward_head(const plan *p, int64_t h, char *acc, char *scratch) {
   const real_ops *o = p->ops;
   int64_t e = (int64_t)p->esz, nq = p->nq, nk = p->nk, dqk = p->dim_qk, dv = p->dim_v;
   char *P = scratch, *dP = P + p->tile * nk * e, *delta = dP + p->tile * nk * e;
-  const char *k = p->k + h * nk * dqk * e, *v = p->v + h * nk * dv * e;
-  char *grad_k = p->grad_k ? p->grad_k + h * nk * dqk * e : NULL;
-  char *grad_v = p->grad_v ? p->grad_v + h * nk * dv * e : NULL;
-  if (grad_k) o->scale(grad_k, nk * dqk, 0.0); /* both sum over the query tiles */
-  if (grad_v) o->scale(grad_v, nk * dv, 0.0);
-  int need_ds = p->grad_q || grad_k || acc;
+  const char *k = row_of(p, p->k, h, 0), *v = row_of(p, p->v, h, 0);
+  char *grad_k = p->grad_k.base ? row_of(p, p->grad_k, h, 0) : NULL;
+  char *grad_v = p->grad_v.base ? row_of(p, p->grad_v, h, 0) : NULL;
+  if (grad_k) zero_head(p, p->grad_k, h, nk, dqk); /* both sum over the query tiles */
+  if (grad_v) zero_head(p, p->grad_v, h, nk, dv);
+  int need_ds = p->grad_q.base || grad_k || acc;
   for (int64_t r0 = 0; r0 < nq; r0 += p->tile) {
     int64_t rows = min64(p->tile, nq - r0), row = h * nq + r0;
-    const char *q = p->q + row * dqk * e, *dout = p->dout + row * dv * e;
+    const char *q = row_of(p, p->q, h, r0), *dout = row_of(p, p->dout, h, r0);
     scores(p, h, r0, rows, P);
     o->probs_from_lse(P, rows, nk, p->lse + row * e);
-    if (grad_v) small_gemm(o, p->esz, nk, dv, rows, 1.0, transposed(P, nk), plain(dout, dv), 1.0, grad_v, dv);
+    if (grad_v)
+      small_gemm(o, p->esz, nk, dv, rows, 1.0, transposed(P, nk), plain(dout, p->dout.ld), 1.0, grad_v, p->grad_v.ld);
     if (!need_ds) continue;
-    small_gemm(o, p->esz, rows, nk, dv, 1.0, plain(dout, dv), transposed(v, dv), 0.0, dP, nk);
-    o->row_dots(delta, dout, p->out + row * dv * e, rows, dv);
+    small_gemm(o, p->esz, rows, nk, dv, 1.0, plain(dout, p->dout.ld), transposed(v, p->v.ld), 0.0, dP, nk);
+    o->row_dots(delta, dout, p->dout.ld, row_of(p, p->out, h, r0), p->out.ld, rows, dv);
     o->softmax_grad(dP, P, rows, nk, delta); /* dP now holds dS */
     if (acc) o->accumulate(acc + r0 * nk * e, dP, rows * nk);
-    if (p->grad_q)
-      small_gemm(o, p->esz, rows, dqk, nk, p->scale, plain(dP, nk), plain(k, dqk), 0.0, p->grad_q + row * dqk * e, dqk);
-    if (grad_k) small_gemm(o, p->esz, nk, dqk, rows, p->scale, transposed(dP, nk), plain(q, dqk), 1.0, grad_k, dqk);
+    if (p->grad_q.base)
+      small_gemm(o, p->esz, rows, dqk, nk, p->scale, plain(dP, nk), plain(k, p->k.ld), 0.0,
+                 row_of(p, p->grad_q, h, r0), p->grad_q.ld);
+    if (grad_k)
+      small_gemm(o, p->esz, nk, dqk, rows, p->scale, transposed(dP, nk), plain(q, p->q.ld), 1.0, grad_k, p->grad_k.ld);
   }
 }
 
@@ -389,28 +415,47 @@ static void backward_groups_range(int64_t begin, int64_t end, void *arg) {
   free(scratch);
 }
 
+/* ---- layouts ---------------------------------------------------------------------------------- */
+/* A contiguous [BH, rows, cols] tensor, or NULL. */
+static head_layout blocks_layout(const ts_tensor *t) {
+  if (!t) return (head_layout){0};
+  return (head_layout){ts_elem_ptr(t), t->shape[1] * t->shape[2], 0, t->shape[2]};
+}
+
+/* A view [B, H, rows, cols] with unit column stride, or NULL. */
+static head_layout view_layout(const ts_tensor *t) {
+  if (!t) return (head_layout){0};
+  return (head_layout){ts_elem_ptr(t), t->stride[0], t->stride[1], t->stride[2]};
+}
+
 /* ---- entry points ----------------------------------------------------------------------------- */
+/* q, k, v: their layouts are set by the caller; shapes (heads, rows, cols) from the last three of
+   the given dims. */
 static int setup_plan(plan *p, const ts_tensor *q, const ts_tensor *k, const ts_tensor *v, const ts_tensor *bias,
                       double scale) {
   memset(p, 0, sizeof *p);
+  int nd = q->ndim;
   if (q->dtype != TS_F32 && q->dtype != TS_F64)
     return ts_set_error(TS_ERR_DTYPE, "scaled_dot_product_attention: the CPU kernel computes in float32 or float64, "
                         "got %s", ts_dtype_name(q->dtype));
-  if (k->shape[1] > INT_MAX || q->shape[2] > INT_MAX || v->shape[2] > INT_MAX)
+  if (k->shape[nd - 2] > INT_MAX || q->shape[nd - 1] > INT_MAX || v->shape[nd - 1] > INT_MAX ||
+      q->stride[nd - 2] > INT_MAX || k->stride[nd - 2] > INT_MAX || v->stride[nd - 2] > INT_MAX)
     return ts_set_error(TS_ERR_UNSUPPORTED, "scaled_dot_product_attention: %lld keys of widths %lld and %lld exceed "
-                        "what BLAS accepts (%d)", (long long)k->shape[1], (long long)q->shape[2],
-                        (long long)v->shape[2], INT_MAX);
+                        "what BLAS accepts (%d)", (long long)k->shape[nd - 2], (long long)q->shape[nd - 1],
+                        (long long)v->shape[nd - 1], INT_MAX);
   p->ops = q->dtype == TS_F32 ? &OPS_F32 : &OPS_F64;
   p->esz = (size_t)ts_dtype_size(q->dtype);
-  p->heads = q->shape[0];
-  p->nq = q->shape[1];
-  p->dim_qk = q->shape[2];
-  p->nk = k->shape[1];
-  p->dim_v = v->shape[2];
+  p->inner = nd == 4 ? q->shape[1] : 1;
+  p->heads = nd == 4 ? q->shape[0] * q->shape[1] : q->shape[0];
+  p->nq = q->shape[nd - 2];
+  p->dim_qk = q->shape[nd - 1];
+  p->nk = k->shape[nd - 2];
+  p->dim_v = v->shape[nd - 1];
   p->scale = scale;
-  p->q = ts_elem_ptr(q);
-  p->k = ts_elem_ptr(k);
-  p->v = ts_elem_ptr(v);
+  head_layout (*layout)(const ts_tensor *) = nd == 4 ? view_layout : blocks_layout;
+  p->q = layout(q);
+  p->k = layout(k);
+  p->v = layout(v);
   int64_t width = max64(1, max64(p->dim_qk, p->dim_v));
   int64_t fit = GEMM_SINGLE_THREAD_WORK / max64(1, p->nk * width);
   p->tile = max64(1, min64(p->nq, max64(MIN_TILE_ROWS, fit)));
@@ -440,15 +485,19 @@ static int finish(const plan *p, const char *op) {
   return TS_OK;
 }
 
+static int run_forward(plan *p, const ts_tensor *out, const ts_tensor *lse) {
+  p->out = out->ndim == 4 ? view_layout(out) : blocks_layout(out);
+  p->lse_w = ts_elem_ptr(lse);
+  double work = (double)p->tile * (double)p->nk * (double)(p->dim_qk + p->dim_v);
+  ts_parallel_for(p->heads * p->tiles, grain_for(work), forward_range, p);
+  return finish(p, "scaled_dot_product_attention");
+}
+
 int cpu_attention(ts_tensor *out, ts_tensor *lse, const ts_tensor *q, const ts_tensor *k, const ts_tensor *v,
                   const ts_tensor *bias, double scale) {
   plan p;
   if (setup_plan(&p, q, k, v, bias, scale)) return ts_last_status();
-  p.out_w = ts_elem_ptr(out);
-  p.lse_w = ts_elem_ptr(lse);
-  double work = (double)p.tile * (double)p.nk * (double)(p.dim_qk + p.dim_v);
-  ts_parallel_for(p.heads * p.tiles, grain_for(work), forward_range, &p);
-  return finish(&p, "scaled_dot_product_attention");
+  return run_forward(&p, out, lse);
 }
 
 /* Sets up the bias-gradient groups: parts per group so that there are a few tasks per thread. */
@@ -487,12 +536,13 @@ int cpu_attention_backward(ts_tensor *dq, ts_tensor *dk, ts_tensor *dv, ts_tenso
                            const ts_tensor *out, const ts_tensor *lse, double scale) {
   plan p;
   if (setup_plan(&p, q, k, v, bias, scale)) return ts_last_status();
-  p.out = ts_elem_ptr(out);
+  head_layout (*layout)(const ts_tensor *) = q->ndim == 4 ? view_layout : blocks_layout;
+  p.out = layout(out);
+  p.dout = layout(dout);
   p.lse = ts_elem_ptr(lse);
-  p.dout = ts_elem_ptr(dout);
-  p.grad_q = dq ? ts_elem_ptr(dq) : NULL;
-  p.grad_k = dk ? ts_elem_ptr(dk) : NULL;
-  p.grad_v = dv ? ts_elem_ptr(dv) : NULL;
+  p.grad_q = layout(dq);
+  p.grad_k = layout(dk);
+  p.grad_v = layout(dv);
   double work = (double)p.nq * (double)p.nk * (double)(2 * p.dim_qk + 3 * p.dim_v);
   if (!dbias) {
     ts_parallel_for(p.heads, grain_for(work), backward_heads_range, &p);

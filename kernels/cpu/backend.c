@@ -80,6 +80,8 @@ const ts_backend ts_cpu_backend = {
     /* @nn-attention (entries below this line) */
     .attention = cpu_attention,
     .attention_backward = cpu_attention_backward,
+    .attention_views = cpu_attention, /* one kernel for both layouts: it reads the operands' rank */
+    .attention_views_backward = cpu_attention_backward,
     .position_bias = cpu_position_bias,
     .position_bias_backward = cpu_position_bias_backward,
     /* @optim (entries below this line) */

@@ -125,7 +125,8 @@ int cpu_adaptive_avg_pool2d_backward(ts_tensor *gx, const ts_tensor *g);
 int cpu_interpolate(ts_tensor *out, const ts_tensor *x, int mode, int align_corners, const double scale[2]);
 int cpu_interpolate_backward(ts_tensor *gx, const ts_tensor *g, int mode, int align_corners, const double scale[2]);
 /* @nn-attention (declarations below this line) */
-/* attention.c */
+/* attention.c: both take contiguous [BH, rows, cols] blocks (attention) or, given 4-D tensors, strided
+   head views [B, H, rows, cols] (attention_views) */
 int cpu_attention(ts_tensor *out, ts_tensor *lse, const ts_tensor *q, const ts_tensor *k, const ts_tensor *v,
                   const ts_tensor *bias, double scale);
 int cpu_attention_backward(ts_tensor *dq, ts_tensor *dk, ts_tensor *dv, ts_tensor *dbias, const ts_tensor *dout,

@@ -37,15 +37,16 @@ local function keep_mask_bias(mask, q)
   return T.where(mask, T.full({}, 0, opts), T.full({}, -math.huge, opts))
 end
 
-local function bias_of(mask, q, what)
+local function bias_of(mask, q, what, op)
+  op = op or NAME
   if mask == nil then return nil end
   if not core.is_tensor(mask) then
-    error(string.format('%s: %s must be a tensor, got %s', NAME, what, type(mask)), 0)
+    error(string.format('%s: %s must be a tensor, got %s', op, what, type(mask)), 0)
   end
   local dtype = mask.dtype
   if dtype == 'bool' then return keep_mask_bias(mask, q) end
   if not mask:is_floating_point() then
-    error(string.format('%s: %s must be a floating bias or a boolean keep-mask, got %s', NAME, what, dtype), 0)
+    error(string.format('%s: %s must be a floating bias or a boolean keep-mask, got %s', op, what, dtype), 0)
   end
   return mask
 end
@@ -83,6 +84,42 @@ function F.scaled_dot_product_attention(q, k, v, opts)
     error(string.format('%s: scale must be a number, got %s', NAME, type(scale)), 0)
   end
   return wrap(C.ts_attention(hq, hk, hv, bias and handle(bias, NAME) or nil, scale or 0 / 0))
+end
+
+-- T.F.packed_attention(qkv, num_heads, {bias =, scale =, kv =}) → [..., N, D]: multi-head attention
+-- straight from packed projections, without splitting or merging the heads by copies:
+--   qkv [..., N, 3 * D]: q, k and v side by side as timm's qkv Linear makes them (head h in columns
+--                        h * hd .. of each D = num_heads * hd wide part), or
+--   qkv = q [..., Nq, D] with opts.kv [..., Nk, 2 * D] (k then v), as PVT's q and kv Linears.
+-- The result has the heads merged (head h in columns h * hd ..), ready for the output projection;
+-- bias (alias attn_mask, as in scaled_dot_product_attention) broadcasts to [..., num_heads, Nq, Nk];
+-- scale defaults to 1 / sqrt(hd). The gradient reaches qkv (or q and kv) in its packed layout.
+local PACKED_NAME = 'packed_attention'
+local PACKED_VALID = { bias = true, attn_mask = true, scale = true, kv = true }
+
+function F.packed_attention(qkv, num_heads, opts)
+  opts = opts or {}
+  if type(opts) ~= 'table' or core.is_tensor(opts) then
+    error(string.format('%s: the 3rd argument must be an options table, got %s', PACKED_NAME, type(opts)), 0)
+  end
+  for key in pairs(opts) do
+    if not PACKED_VALID[key] then
+      error(string.format("%s: unknown option '%s' (valid: attn_mask, bias, kv, scale)", PACKED_NAME, tostring(key)), 0)
+    end
+  end
+  local hq = handle(qkv, PACKED_NAME)
+  local heads = core.int(num_heads, PACKED_NAME .. ': num_heads')
+  if opts.bias ~= nil and opts.attn_mask ~= nil then
+    error(PACKED_NAME .. ': give either bias or attn_mask (its alias), not both', 0)
+  end
+  local what = opts.bias ~= nil and 'bias' or 'attn_mask'
+  local bias = bias_of(opts.bias ~= nil and opts.bias or opts.attn_mask, qkv, what, PACKED_NAME)
+  local scale = opts.scale
+  if scale ~= nil and type(scale) ~= 'number' then
+    error(string.format('%s: scale must be a number, got %s', PACKED_NAME, type(scale)), 0)
+  end
+  local hkv = opts.kv ~= nil and handle(opts.kv, PACKED_NAME) or nil
+  return wrap(C.ts_attention_packed(hq, hkv, heads, bias and handle(bias, PACKED_NAME) or nil, scale or 0 / 0))
 end
 
 -- T.F.relative_position_bias(pos, w1, b1, w2, b2) → [W, H, N, N]: Swin's continuous relative

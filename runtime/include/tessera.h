@@ -307,6 +307,15 @@ ts_tensor *ts_pixel_unshuffle(ts_tensor *x, int64_t r);
    softmax (-inf or a large negative value masks a key; a row masked entirely gives zeros, not NaN).
    One autograd node; q, k, v and bias (reduced over its broadcast dims) get gradients. */
 ts_tensor *ts_attention(ts_tensor *q, ts_tensor *k, ts_tensor *v, ts_tensor *bias, double scale);
+/* Multi-head attention on packed projections, the heads split and merged inside: qkv [..., N, 3·D]
+   (kv NULL) holds q, k and v side by side, as timm's qkv Linear makes them (D = heads·hd; head h
+   owns columns h·hd .. h·hd + hd - 1 of each part); or q is [..., Nq, D] and kv [..., Nk, 2·D] (k
+   then v) with q's leading dims. out [..., Nq, D] holds head h's softmax(q_h k_hᵀ·scale + bias) v_h
+   in its columns: the same as splitting the heads with views, ts_attention on [..., heads, N, hd]
+   and merging them back, but without copying either way, and the gradient of qkv (or q and kv) is
+   written in its packed layout. bias broadcasts to the scores [..., heads, Nq, Nk]; scale NaN means
+   1/sqrt(hd). One autograd node. */
+ts_tensor *ts_attention_packed(ts_tensor *q, ts_tensor *kv, int64_t heads, ts_tensor *bias, double scale);
 /* Swin's continuous relative position bias (UM-MAE's WindowAttention.posmlp) as one op:
      out[w, h, i, j] = b2[h] + Σ_p w2[h, p] relu(b1[p] + Σ_c w1[p, c] f(pos[w, c, j] - pos[w, c, i]))
    with f(d) = sign(d) log(1 + |d|), for the positions pos [W, C, N] (C coordinates of the N tokens

@@ -52,7 +52,7 @@ end
 -- images share them); mask: [nW, N, N] or nil.
 function WindowAttention:forward(x, pos, mask, nW)
   local Bw, N, C = x:size(0), x:size(1), x:size(2)
-  local B, H, hd = Bw / nW, self.num_heads, C / self.num_heads
+  local B, H = Bw / nW, self.num_heads
   -- posmlp (Conv1x1, ReLU, Conv1x1) on sign(d) log(1 + |d|) of d = pos[j] - pos[i], fused: the
   -- [P * nW, posmlp_dim, N, N] hidden layer is never stored
   local fc1, fc2 = self.posmlp['0'], self.posmlp['2']
@@ -60,13 +60,9 @@ function WindowAttention:forward(x, pos, mask, nW)
   local P = bias:size(0) / nW
   bias = bias:view(P, nW, H, N, N)
   if mask then bias = bias + mask:view(1, nW, 1, N, N) end
-  bias = bias:reshape(P, nW * H, N, N)
-  -- heads of every window side by side: [B, nW * H, N, hd]
-  local qkv = self.qkv(x):view(B, nW, N, 3, H, hd):permute(3, 0, 1, 4, 2, 5)
-  local function part(i) return qkv:select(0, i):reshape(B, nW * H, N, hd) end
-  local o = T.F.scaled_dot_product_attention(part(0), part(1), part(2), { bias = bias, scale = self.scale })
-  o = o:view(B, nW, H, N, hd):permute(0, 1, 3, 2, 4):reshape(Bw, N, C)
-  return self.proj(o)
+  -- the heads straight from the qkv projection [B, nW, N, 3C]; the output has them merged
+  local o = T.F.packed_attention(self.qkv(x):view(B, nW, N, 3 * C), H, { bias = bias, scale = self.scale })
+  return self.proj(o:view(Bw, N, C))
 end
 
 -- LayerNorm, then a 2x2 stride-2 conv; positions keep the top-left entry of each 2x2, halved.
