@@ -41,7 +41,7 @@ return {
     batch_size = 64, accum_iter = 1, epochs = 200, warmup_epochs = 10, blr = 1.5e-4, lr = 0, min_lr = 0,
     weight_decay = 0.05, clip_grad = 0, mask_ratio = 0.6, mask_patch_size = 32, norm_pix_loss = false,
     num_workers = 2, seed = 0, log_every = 20, checkpoint_every = 500, max_iters_per_epoch = 0, eval_size = 16,
-    stop_after = 0,
+    stop_after = 0, device = 'cpu',
   },
   types = { lr = 'number', min_lr = 'number', clip_grad = 'number', blr = 'number', weight_decay = 'number' },
   model_keys = { 'model', 'input_size' },

@@ -407,7 +407,8 @@ static int check_compact(const char *op, const ts_tensor *x, const ts_tensor *ma
     return ts_set_error(TS_ERR_SHAPE, "%s: x must be a channels-last token grid [N, H, W, C], got %s", op, ts_tshape(x));
   if (ts_dtype_is_floating(mask->dtype))
     return ts_set_error(TS_ERR_DTYPE, "%s: mask must be uint8 or bool (1 = removed), got %s", op, ts_dtype_name(mask->dtype));
-  if (ts_same_device(op, x, mask)) return ts_last_status();
+  /* masks are made on the host: a CPU mask serves x on any device (it is read on the host anyway) */
+  if (mask->device.type != TS_CPU && ts_same_device(op, x, mask)) return ts_last_status();
   if (p < 1) return ts_set_error(TS_ERR_ARG, "%s: patch_tokens must be positive, got %lld", op, (long long)p);
   int64_t h = x->shape[1], w = x->shape[2];
   if (h % (2 * p) || w % (2 * p))

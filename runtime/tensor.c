@@ -9,7 +9,7 @@
 enum { MAX_CUDA_DEVICES = 16 };
 typedef struct { int64_t live, peak, count; } mem_counters;
 static mem_counters host_stats, cuda_stats[MAX_CUDA_DEVICES];
-static int64_t host_allocated_total;
+static int64_t allocated_total, live_total; /* over every device: the Lua GC steps by these */
 
 static mem_counters *stats_for(ts_device dev) {
   if (dev.type == TS_CPU) return &host_stats;
@@ -22,7 +22,8 @@ void ts_stats_on_alloc(ts_device dev, int64_t bytes) {
   if (!s) return;
   int64_t live = __atomic_add_fetch(&s->live, bytes, __ATOMIC_RELAXED);
   __atomic_add_fetch(&s->count, 1, __ATOMIC_RELAXED);
-  if (dev.type == TS_CPU) __atomic_add_fetch(&host_allocated_total, bytes, __ATOMIC_RELAXED);
+  __atomic_add_fetch(&allocated_total, bytes, __ATOMIC_RELAXED);
+  __atomic_add_fetch(&live_total, bytes, __ATOMIC_RELAXED);
   int64_t peak = __atomic_load_n(&s->peak, __ATOMIC_RELAXED);
   while (live > peak && !__atomic_compare_exchange_n(&s->peak, &peak, live, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
@@ -32,6 +33,7 @@ void ts_stats_on_free(ts_device dev, int64_t bytes) {
   mem_counters *s = stats_for(dev);
   if (!s) return;
   __atomic_sub_fetch(&s->live, bytes, __ATOMIC_RELAXED);
+  __atomic_sub_fetch(&live_total, bytes, __ATOMIC_RELAXED);
 }
 
 int ts_memory_stats_get(ts_device dev, ts_memory_stats *out) {
@@ -52,7 +54,8 @@ void ts_memory_reset_peak(ts_device dev) {
   if (s) __atomic_store_n(&s->peak, __atomic_load_n(&s->live, __ATOMIC_RELAXED), __ATOMIC_RELAXED);
 }
 
-int64_t ts_host_bytes_allocated_total(void) { return __atomic_load_n(&host_allocated_total, __ATOMIC_RELAXED); }
+int64_t ts_bytes_allocated_total(void) { return __atomic_load_n(&allocated_total, __ATOMIC_RELAXED); }
+int64_t ts_bytes_live_total(void) { return __atomic_load_n(&live_total, __ATOMIC_RELAXED); }
 
 /* ---- storage --------------------------------------------------------------------------------- */
 /* Allocations above this are refused up front with a clear message rather than attempted. */

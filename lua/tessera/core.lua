@@ -55,16 +55,15 @@ end
 -- the budget grows with what is still alive afterwards, so steady states do not collect per op.
 local GC_MIN_BUDGET = 64 * 1024 * 1024
 local gc_budget, gc_mark = GC_MIN_BUDGET, 0
-local stats = ffi.new('ts_memory_stats')
 local cpu_device = ffi.new('ts_device', { C.TS_CPU, 0 })
 
+-- Bytes on every device count: dropped GPU tensors are freed by the same collections.
 local function step_gc()
-  local total = tonumber(C.ts_host_bytes_allocated_total())
+  local total = tonumber(C.ts_bytes_allocated_total())
   if total - gc_mark > gc_budget then
     collectgarbage('collect')
-    C.ts_memory_stats_get(cpu_device, stats)
-    gc_mark = tonumber(C.ts_host_bytes_allocated_total())
-    gc_budget = math.max(GC_MIN_BUDGET, tonumber(stats.live_bytes))
+    gc_mark = tonumber(C.ts_bytes_allocated_total())
+    gc_budget = math.max(GC_MIN_BUDGET, tonumber(C.ts_bytes_live_total()))
   end
 end
 

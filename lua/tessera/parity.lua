@@ -43,6 +43,7 @@ local function decode_meta(meta, key, path)
 end
 
 -- Runs the model on the file's inputs: returns loss, the main output and the masks it made.
+-- Images and labels go to the device; masks and mask noise stay on the host, where masks are made.
 local function run_model(model, class, inputs, device)
   local function dev(t) return t and t:to(device) or nil end
   local imgs = dev(inputs.imgs)
@@ -50,15 +51,15 @@ local function run_model(model, class, inputs, device)
     local logits = model(imgs)
     return T.F.cross_entropy(logits, dev(inputs.labels)), logits, {}
   end
-  local mask = dev(inputs.mask)
+  local mask = inputs.mask
   if class == 'SimMIMSwin' or class == 'SimMIMPVT' then
     local loss, pred = model(imgs, mask)
     return loss, pred, {}
   end
-  local loss, pred, extra = model(imgs, mask, { noise = dev(inputs.noise) })
+  local loss, pred, extra = model(imgs, mask, { noise = inputs.noise })
   local made = { new_mask = extra.new_mask }
   if class == 'MaskedAutoencoderViT' and model.vis_mask_token then
-    made.vis_mask = model:secondary_mask(mask, { noise = dev(inputs.noise) })
+    made.vis_mask = model:secondary_mask(mask, { noise = inputs.noise })
   end
   return loss, pred, made
 end

@@ -48,7 +48,7 @@ local function held_out(cfg, method)
     num_workers = 1, shuffle = false, drop_last = false, scale = { 1, 1 }, ratio = { 1, 1 }, hflip = 0 })
   loader:set_epoch(0)
   local imgs
-  for batch in loader:iter() do imgs = batch; break end
+  for batch in loader:iter() do imgs = batch:to(cfg.device); break end
   local g = T.Generator(cfg.seed + 2)
   local mask = method.masks(cfg, imgs:size(0), g)
   return function(model)
@@ -69,7 +69,7 @@ function P.masked_autoencoder_step(model, imgs, mask, generator)
 end
 
 function P.train(cfg, run, method)
-  local model = method.build(cfg)
+  local model = method.build(cfg):to(cfg.device) -- before the optimizer: to() replaces the parameters
   local lr = P.learning_rate(cfg)
   local groups = T.optim.param_groups_weight_decay(model, cfg.weight_decay)
   local optimizer = T.optim.AdamW(groups, { lr = lr, betas = { 0.9, 0.95 } })
@@ -100,8 +100,8 @@ function P.train(cfg, run, method)
       if it >= iters then break end
       if epoch > start_epoch or it >= start_iter then
         if it % cfg.accum_iter == 0 then T.optim.adjust_learning_rate(optimizer, epoch + it / iters, schedule) end
-        local mask = method.masks(cfg, imgs:size(0))
-        local loss = method.step(model, imgs, mask)
+        local mask = method.masks(cfg, imgs:size(0)) -- made on the host, as masks always are
+        local loss = method.step(model, imgs:to(cfg.device), mask)
         local value = loss:item()
         run:check_loss(value, step)
         accum:backward(loss / cfg.accum_iter)

@@ -36,7 +36,10 @@ function T.cuda.empty_cache(index) T.empty_cache('cuda:' .. (index or 0)) end
 -- Caveat: LuaJIT cannot enter a callback from a C function called by JIT-compiled code; it then
 -- aborts with "bad callback" instead of running it. Since the hook is reached only when the
 -- device is truly out of memory, that turns an out-of-memory error in a compiled loop into an
--- abort; T.cuda.set_gc_on_oom(false) trades the collection for the plain error.
+-- abort. The hook is therefore off by default: the binding already collects by device bytes (see
+-- core.lua), so little garbage is left to find; T.cuda.set_gc_on_oom(true) arms it where no code
+-- is compiled (the REPL, jit.off()).
+
 local oom_collect = ffi.cast('void (*)(void)', function() collectgarbage('collect') end)
 local oom_armed = false
 function T.cuda.set_gc_on_oom(on)
@@ -44,6 +47,6 @@ function T.cuda.set_gc_on_oom(on)
   C.ts_set_oom_callback(oom_armed and oom_collect or nil)
 end
 function T.cuda.gc_on_oom() return oom_armed end
-T.cuda.set_gc_on_oom(true)
+T.cuda.set_gc_on_oom(false)
 
 return T

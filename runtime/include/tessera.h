@@ -213,8 +213,10 @@ int ts_memory_stats_get(ts_device dev, ts_memory_stats *out);
 void ts_memory_reset_peak(ts_device dev);
 /* Returns the allocator's cached blocks to the system (reserved_bytes drops to live_bytes). */
 int ts_memory_empty_cache(ts_device dev);
-/* Bytes allocated on the host since start; the Lua binding steps its GC by the growth of this. */
-int64_t ts_host_bytes_allocated_total(void);
+/* Bytes allocated on every device since start, and bytes live now: the Lua binding steps its GC
+   by the growth of the first, because LuaJIT sees a tensor of any size as a few bytes. */
+int64_t ts_bytes_allocated_total(void);
+int64_t ts_bytes_live_total(void);
 
 /* ---- autograd -------------------------------------------------------------------------------- */
 /* Ops record a tape when an input requires grad and grad mode (thread-local, on by default) is on. */

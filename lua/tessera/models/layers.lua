@@ -137,10 +137,10 @@ function L.sincos_pos_embed(dim, grid, cls_token)
   return T.tensor(values, { dtype = 'float64' }):float():view(1, n, dim)
 end
 
--- (row, col) of every token of an h x w grid as float32 [1, h, w, 2].
-function L.position_grid(h, w)
-  local rows = T.arange(h, { dtype = 'float32' }):view(h, 1, 1):expand(h, w, 1)
-  local cols = T.arange(w, { dtype = 'float32' }):view(1, w, 1):expand(h, w, 1)
+-- (row, col) of every token of an h x w grid as float32 [1, h, w, 2] (on `device`, default the CPU).
+function L.position_grid(h, w, device)
+  local rows = T.arange(h, { dtype = 'float32', device = device }):view(h, 1, 1):expand(h, w, 1)
+  local cols = T.arange(w, { dtype = 'float32', device = device }):view(1, w, 1):expand(h, w, 1)
   return T.cat({ rows, cols }, 2):unsqueeze(0)
 end
 
@@ -171,16 +171,17 @@ function L.visible_first(mask)
   return order, visible
 end
 
--- A patch mask [N, M*M] (1 = on) as a float token mask [N, M*s, M*s, 1] (s tokens per patch side).
-function L.upsample_mask(mask, s, dtype)
+-- A patch mask [N, M*M] (1 = on) as a token mask [N, M*s, M*s, 1] (s tokens per patch side) in the
+-- dtype and on the device of `like` (masks are made on the host; the model may run elsewhere).
+function L.upsample_mask(mask, s, like)
   local N, M = mask:size(0), math.floor(math.sqrt(mask:size(1)) + 0.5)
-  return mask:to(dtype or 'float32'):view(N, M, 1, M, 1, 1):expand(N, M, s, M, s, 1):reshape(N, M * s, M * s, 1)
+  return mask:to{ dtype = like.dtype, device = like.device }:view(N, M, 1, M, 1, 1):expand(N, M, s, M, s, 1):reshape(N, M * s, M * s, 1)
 end
 
--- Rows of x [N, L, D] picked per image by indices [N, K] → [N, K, D].
+-- Rows of x [N, L, D] picked per image by indices [N, K] (on any device) → [N, K, D].
 function L.take_rows(x, idx)
   local N, D = x:size(0), x:size(2)
-  return x:gather(1, idx:unsqueeze(-1):expand(N, idx:size(1), D))
+  return x:gather(1, idx:to(x.device):unsqueeze(-1):expand(N, idx:size(1), D))
 end
 
 -- MAE's target normalization: per patch, (t - mean) / sqrt(var + 1e-6), unbiased variance.

@@ -136,8 +136,8 @@ function MaskedAutoencoderPVT:forward_encoder(imgs, mask, new_mask)
   local N = x:size(0)
   x = x:view(N, G, G, C)
   if self.vis_mask_token then -- secondary-masked patches become the raw vis_mask_token
-    local keep = L.upsample_mask(new_mask:logical_not(), s, x.dtype)
-    local swapped = L.upsample_mask(new_mask:logical_and(mask:logical_not()), s, x.dtype)
+    local keep = L.upsample_mask(new_mask:logical_not(), s, x)
+    local swapped = L.upsample_mask(new_mask:logical_and(mask:logical_not()), s, x)
     x = x * keep + self.vis_mask_token * swapped
   end
   x = T.uniform_compact(x, mask, s)
@@ -190,7 +190,7 @@ function SimMIMPVT:forward(imgs, mask)
   local G = self.token_grid
   local x = self.patch_embed(imgs)
   local N = x:size(0)
-  local w = L.upsample_mask(mask, self.tokens_per_patch, x.dtype):view(N, G * G, 1)
+  local w = L.upsample_mask(mask, self.tokens_per_patch, x):view(N, G * G, 1)
   x = x * (1 - w) + self.mask_token * w + self.pos_embed
   x = self.norm(run_blocks(self, x, G, G))
   local pred = umd.shuffle_predictions(self.decoder_pred(x))

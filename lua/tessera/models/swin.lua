@@ -9,6 +9,23 @@ local umd = require 'tessera.models.um_decoder'
 
 local M = {}
 
+-- ---- tensor lifetimes ----------------------------------------------------------------------------
+-- A block makes many temporaries. Dropping our reference at once (t:free()) returns a temporary's
+-- memory right away, or at backward when autograd saved it, instead of at the next garbage
+-- collection, which at a step's peak can be hundreds of megabytes later.
+local function release(...)
+  for i = 1, select('#', ...) do
+    local t = select(i, ...)
+    if t ~= nil then t:free() end
+  end
+end
+
+-- `new`, after freeing `old` (old is not used any more: `x = replace(x, f(x))`).
+local function replace(old, new)
+  old:free()
+  return new
+end
+
 -- ---- windows -----------------------------------------------------------------------------------
 -- [B, H, W, C] → [B * nW, ws * ws, C], windows in row-major order.
 local function window_partition(x, ws)
@@ -58,11 +75,14 @@ function WindowAttention:forward(x, pos, mask, nW)
   local fc1, fc2 = self.posmlp['0'], self.posmlp['2']
   local bias = T.F.relative_position_bias(pos, fc1.weight, fc1.bias, fc2.weight, fc2.bias) -- [P * nW, H, N, N]
   local P = bias:size(0) / nW
-  bias = bias:view(P, nW, H, N, N)
-  if mask then bias = bias + mask:view(1, nW, 1, N, N) end
+  bias = replace(bias, bias:view(P, nW, H, N, N))
+  if mask then bias = replace(bias, bias + mask:view(1, nW, 1, N, N)) end
   -- the heads straight from the qkv projection [B, nW, N, 3C]; the output has them merged
-  local o = T.F.packed_attention(self.qkv(x):view(B, nW, N, 3 * C), H, { bias = bias, scale = self.scale })
-  return self.proj(o:view(Bw, N, C))
+  local qkv = self.qkv(x)
+  local o = T.F.packed_attention(qkv:view(B, nW, N, 3 * C), H, { bias = bias, scale = self.scale })
+  release(qkv, bias)
+  o = replace(o, o:view(Bw, N, C))
+  return replace(o, self.proj(o))
 end
 
 -- LayerNorm, then a 2x2 stride-2 conv; positions keep the top-left entry of each 2x2, halved.
@@ -112,20 +132,32 @@ function SwinBlock:forward(x, pos_hw)
     error(string.format('SwinBlock: %d tokens for a %dx%d position grid', x:size(1), H, W), 2)
   end
   local ws, s = self.window_size, self.shift_size
-  local shortcut = x
-  x = self.norm1(x):view(B, H, W, C)
-  local pos = pos_hw
+  local normed = self.norm1(x)
+  local grid, pos = normed:view(B, H, W, C), pos_hw
   if s > 0 then
-    x = x:roll({ -s, -s }, { 1, 2 })
+    grid = replace(grid, grid:roll({ -s, -s }, { 1, 2 }))
     pos = pos:roll({ -s, -s }, { 1, 2 })
   end
   local nW = (H / ws) * (W / ws)
-  local windows = self.attn(window_partition(x, ws), window_partition(pos, ws):transpose(1, 2), self.attn_mask, nW)
-  x = window_reverse(windows, ws, H, W)
-  if s > 0 then x = x:roll({ s, s }, { 1, 2 }) end
-  x = shortcut + self.drop_path(x:reshape(B, H * W, C))
-  x = x + self.drop_path(self.mlp(self.norm2(x)))
-  return x, pos_hw
+  local windows = window_partition(grid, ws)
+  release(normed, grid)
+  windows = replace(windows, self.attn(windows, window_partition(pos, ws):transpose(1, 2), self.attn_mask, nW))
+  grid = window_reverse(windows, ws, H, W)
+  windows:free()
+  if s > 0 then grid = replace(grid, grid:roll({ s, s }, { 1, 2 })) end
+  local branch = grid:reshape(B, H * W, C)
+  grid:free()
+  local dropped = self.drop_path(branch)
+  branch:free()
+  local y = x + dropped
+  dropped:free()
+  branch = self.norm2(y)
+  branch = replace(branch, self.mlp(branch))
+  dropped = self.drop_path(branch)
+  branch:free()
+  local out = y + dropped
+  release(dropped, y)
+  return out, pos_hw
 end
 
 -- ---- shared pieces -------------------------------------------------------------------------------
@@ -207,12 +239,12 @@ function MaskedAutoencoderSwin:forward_encoder(imgs, mask, new_mask)
   x = x:view(N, G, G, a.embed_dim)
   if self.vis_mask_token then
     -- visible patches keep their features, secondary-masked ones become LN(vis_mask_token)
-    local keep = L.upsample_mask(new_mask:logical_not(), s, x.dtype)
-    local swapped = L.upsample_mask(new_mask:logical_and(mask:logical_not()), s, x.dtype)
+    local keep = L.upsample_mask(new_mask:logical_not(), s, x)
+    local swapped = L.upsample_mask(new_mask:logical_and(mask:logical_not()), s, x)
     x = x * keep + self.patch_embed.norm(self.vis_mask_token) * swapped
   end
   x = T.uniform_compact(x, mask, s)
-  local grid = L.position_grid(G, G):expand(N, G, G, 2)
+  local grid = L.position_grid(G, G, x.device):expand(N, G, G, 2)
   local pos_hw = T.uniform_compact(grid, mask, s)
   x = run_blocks(self, x:reshape(N, -1, a.embed_dim), pos_hw)
   return self.norm(x)
@@ -260,9 +292,9 @@ function SimMIMSwin:forward(imgs, mask)
   local a, G = self.config, self.token_grid
   local x = self.patch_embed(imgs)
   local N = x:size(0)
-  local w = L.upsample_mask(mask, self.tokens_per_patch, x.dtype):view(N, G * G, 1)
+  local w = L.upsample_mask(mask, self.tokens_per_patch, x):view(N, G * G, 1)
   x = x * (1 - w) + self.mask_token * w
-  x = self.norm(run_blocks(self, x, L.position_grid(G, G)))
+  x = self.norm(run_blocks(self, x, L.position_grid(G, G, x.device)))
   local pred = umd.shuffle_predictions(self.decoder_pred(x))
   return umd.simmim_loss(self, imgs, pred, mask), pred, { latent = x }
 end
@@ -292,7 +324,7 @@ end
 
 function Swin:forward_features(imgs)
   local G = self.token_grid
-  return run_blocks(self, self.patch_embed(imgs), L.position_grid(G, G))
+  return run_blocks(self, self.patch_embed(imgs), L.position_grid(G, G, imgs.device))
 end
 
 function Swin:forward(imgs)

@@ -83,7 +83,7 @@ function MaskedAutoencoderViT:forward_encoder(imgs, mask, opts)
   local visible = order:narrow(1, 0, V)
   x = L.take_rows(x, visible)
   if self.vis_mask_token then
-    local w = self:secondary_mask(mask, opts):to(x.dtype):unsqueeze(-1)
+    local w = self:secondary_mask(mask, opts):to{ dtype = x.dtype, device = x.device }:unsqueeze(-1)
     local tokens = L.take_rows((self.vis_mask_token + pos):expand(N, self.grid * self.grid, D), visible)
     x = x * (1 - w) + tokens * w
   end
