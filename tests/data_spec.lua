@@ -293,7 +293,7 @@ describe('T.data.decode and write_jpeg', function()
     S.assert_error(function() T.data.write_jpeg(path('q.jpg'), picture(4, 4, 1), { quality = 0 }) end, 'quality')
     S.assert_error(function() T.data.write_jpeg(path('q.jpg'), T.zeros(4, 4, 2)) end, 'C = 1 or 3')
     S.assert_error(function() T.data.write_jpeg(path('q.jpg'), T.zeros(4, 4, 3), { qualty = 9 }) end,
-      'unknown option qualty', 'valid: quality')
+      "write_jpeg: unknown option 'qualty'", 'valid: quality')
   end)
 end)
 
@@ -641,7 +641,7 @@ describe('T.data.Loader', function()
   end)
 
   it('validates its options with clear messages', function()
-    S.assert_error(function() T.data.Loader(dataset, { batch_sise = 4 }) end, 'unknown option batch_sise',
+    S.assert_error(function() T.data.Loader(dataset, { batch_sise = 4 }) end, "Loader: unknown option 'batch_sise'",
       'valid: batch_size', 'world_size')
     S.assert_error(function() T.data.Loader(dataset, { batch_size = 0 }) end, 'batch_size must be an integer >= 1')
     S.assert_error(function() T.data.Loader(dataset, { scale = { 1, 0.2 } }) end, 'scale must be (lo, hi)')

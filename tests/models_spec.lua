@@ -22,7 +22,8 @@ describe('model zoo', function()
       assert.truthy(names:find(n, 1, true), n)
     end
     S.assert_error(function() T.models.create('resnet50') end, 'unknown model resnet50', 'mae_swin_tiny_256')
-    S.assert_error(function() T.models.MaskedAutoencoderSwin{ embed_dims = 3 } end, 'unknown argument embed_dims')
+    S.assert_error(function() T.models.MaskedAutoencoderSwin{ embed_dims = 3 } end,
+      "MaskedAutoencoderSwin: unknown option 'embed_dims'", 'embed_dim')
   end)
 
   it('initializes as the official code: fixed sin-cos positions, N(0, 0.02) tokens, xavier linears', function()

@@ -52,22 +52,6 @@ local RESERVED = { format = true, format_version = true, tessera_version = true,
 -- ---- small helpers -------------------------------------------------------------------------------
 local function fail(fmt, ...) error(string.format(fmt, ...), 0) end
 
-local function sorted_keys(t)
-  local keys = {}
-  for k in pairs(t) do keys[#keys + 1] = tostring(k) end
-  table.sort(keys)
-  return keys
-end
-
-local function check_options(what, opts, valid)
-  if type(opts) ~= 'table' then fail('%s: expected a table of options, got %s', what, type(opts)) end
-  for k in pairs(opts) do
-    if not valid[k] then
-      fail("%s: unknown option '%s' (valid: %s)", what, tostring(k), table.concat(sorted_keys(valid), ', '))
-    end
-  end
-end
-
 -- Strips the "file:line: " prefix errors raised with a level carry, keeping the message itself.
 local function bare_message(err)
   err = tostring(err)
@@ -271,7 +255,8 @@ end
 function checkpoint.save(path, b)
   local what = 'checkpoint.save'
   if type(path) ~= 'string' or path == '' then fail('%s: path must be a non-empty string, got %s', what, tostring(path)) end
-  check_options(what, b, { model = true, optimizer = true, loader = true, generators = true, epoch = true, iter = true,
+  if b == nil then fail('%s: the bundle to save is missing (a table {model =, optimizer =, ...})', what) end
+  core.options(what, b, { model = true, optimizer = true, loader = true, generators = true, epoch = true, iter = true,
     step = true, iters = true, config = true, extra = true, metadata = true })
   local tensors, sections = {}, json.array({})
   local meta = { format = checkpoint.FORMAT, format_version = checkpoint.VERSION, tessera_version = core.version,
@@ -407,7 +392,7 @@ local function restore_generators(b, generators)
   for name, g in pairs(generators or {}) do
     local s = b.rng.generators[tostring(name)]
     if s == nil then
-      local have = sorted_keys(b.rng.generators)
+      local have = core.sorted_names(b.rng.generators)
       fail("checkpoint: %s has no state for generator '%s' (it has: %s)", b.path, tostring(name),
         #have > 0 and table.concat(have, ', ') or 'none')
     end
@@ -420,8 +405,7 @@ end
 --   rng = true, strict = true}) → the bundle. Restores what the targets name; rng = false leaves the
 -- default generator alone; strict = false lets the model load with missing/unexpected keys.
 function checkpoint.restore(b, targets)
-  targets = targets or {}
-  check_options('checkpoint.restore', targets, { model = true, optimizer = true, loader = true, generators = true,
+  targets = core.options('checkpoint.restore', targets, { model = true, optimizer = true, loader = true, generators = true,
     rng = true, strict = true })
   if type(b) == 'string' then b = checkpoint.load(b) end
   if type(b) ~= 'table' or b.rng == nil then fail('checkpoint.restore: expected a path or a bundle from checkpoint.load') end

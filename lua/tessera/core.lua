@@ -212,6 +212,51 @@ function core.size_args(what, ...)
   return shape, opts
 end
 
+-- ---- options tables ------------------------------------------------------------------------------
+-- A set of names is {name = true, ...} or a defaults table (every key with a non-nil value is a
+-- name, so false defaults count), or a list {'a', 'b'}.
+local function is_list(names) return names[1] ~= nil end
+
+local function has_name(names, key)
+  if not is_list(names) then return names[key] ~= nil end
+  for i = 1, #names do
+    if names[i] == key then return true end
+  end
+  return false
+end
+
+-- The names of a set or list, as sorted strings (for messages that list the valid ones).
+function core.sorted_names(names)
+  local out = {}
+  if is_list(names) then
+    for i = 1, #names do out[i] = tostring(names[i]) end
+  else
+    for k in pairs(names) do out[#out + 1] = tostring(k) end
+  end
+  table.sort(out)
+  return out
+end
+
+-- An op's options table: nil gives {}; anything but a plain table is an error, and so is, when
+-- `valid` is given, a key outside it (a misspelt option must not be silently ignored). Returns opts.
+-- Level 0: the message names the op.
+function core.options(what, opts, valid)
+  if opts == nil then return {} end
+  if type(opts) ~= 'table' then
+    error(string.format('%s: options must be a table, got %s', what,
+      core.is_tensor(opts) and 'a tensor' or type(opts)), 0)
+  end
+  if valid ~= nil then
+    for k in pairs(opts) do
+      if not has_name(valid, k) then
+        error(string.format("%s: unknown option '%s' (valid: %s)", what, tostring(k),
+          table.concat(core.sorted_names(valid), ', ')), 0)
+      end
+    end
+  end
+  return opts
+end
+
 -- Shape of a C tensor as a Lua list.
 function core.shape_of(h)
   local nd = C.ts_ndim(h)

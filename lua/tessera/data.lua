@@ -44,26 +44,6 @@ local function string_arg(x, what, name)
   return x
 end
 
-local function options_table(opts, what)
-  if opts == nil then return {} end
-  if type(opts) ~= 'table' or core.is_tensor(opts) then
-    error(string.format('%s: options must be a table, got %s', what, type(opts)), 0)
-  end
-  return opts
-end
-
--- Raises for keys of opts that are not in `valid` (a set), listing the valid ones.
-local function reject_unknown(opts, valid, what)
-  for k in pairs(opts) do
-    if not valid[k] then
-      local names = {}
-      for n in pairs(valid) do names[#names + 1] = n end
-      table.sort(names)
-      error(string.format('%s: unknown option %s (valid: %s)', what, tostring(k), table.concat(names, ', ')), 0)
-    end
-  end
-end
-
 local function integer_opt(v, what, name, lo)
   if not core.is_integer(v) or v < lo then
     error(string.format('%s: %s must be an integer >= %d, got %s', what, name, lo, tostring(v)), 0)
@@ -148,8 +128,7 @@ end
 
 function data.write_jpeg(path, img, opts)
   string_arg(path, 'write_jpeg', 'path')
-  opts = options_table(opts, 'write_jpeg')
-  reject_unknown(opts, { quality = true }, 'write_jpeg')
+  opts = core.options('write_jpeg', opts, { quality = true })
   local quality = opts.quality == nil and 90 or integer_opt(opts.quality, 'write_jpeg', 'quality', 1)
   check(C.ts_jpeg_write(path, handle(img, 'write_jpeg'), quality))
   return path
@@ -167,8 +146,7 @@ local CROP_PARAM_KEYS = { height = true, width = true, seed = true, epoch = true
 -- The crop the loader would take of sample `index` in `epoch` for an image of height x width.
 function data.crop_params(p)
   local what = 'crop_params'
-  p = options_table(p, what)
-  reject_unknown(p, CROP_PARAM_KEYS, what)
+  p = core.options(what, p, CROP_PARAM_KEYS)
   local out = ffi.new('ts_data_crop')
   check(C.ts_data_crop_params(integer_opt(p.seed or 0, what, 'seed', 0), integer_opt(p.epoch or 0, what, 'epoch', 0),
     integer_opt(p.index or 0, what, 'index', 0), integer_opt(p.height, what, 'height', 1),
@@ -190,8 +168,7 @@ end
 -- The loader's augmentation of one uint8 [H, W, C] image with an explicit crop: float32 [3, S, S].
 function data.resized_crop(img, crop, opts)
   local what = 'resized_crop'
-  opts = options_table(opts, what)
-  reject_unknown(opts, { size = true, normalize = true, mean = true, std = true }, what)
+  opts = core.options(what, opts, { size = true, normalize = true, mean = true, std = true })
   local size = opts.size or 224
   local h_, w_
   if type(size) == 'table' then h_, w_ = size[1], size[2] else h_, w_ = size, size end
@@ -213,8 +190,7 @@ local LOADER_DEFAULTS = {
 
 local function loader_options(opts)
   local what = 'Loader'
-  opts = options_table(opts, what)
-  reject_unknown(opts, LOADER_DEFAULTS, what)
+  opts = core.options(what, opts, LOADER_DEFAULTS)
   local o = setmetatable({}, { __index = function(_, k)
     local v = opts[k]
     if v == nil then return LOADER_DEFAULTS[k] end

@@ -28,27 +28,6 @@ T.F = T.F or {}
 local F = T.F
 
 -- ---- argument parsing --------------------------------------------------------------------------
-local function sorted_keys(set)
-  local names = {}
-  for n in pairs(set) do names[#names + 1] = n end
-  table.sort(names)
-  return table.concat(names, ', ')
-end
-
--- opts: nil or a plain table whose keys are all in `valid`.
-local function options(what, opts, valid)
-  if opts == nil then return {} end
-  if type(opts) ~= 'table' or core.is_tensor(opts) then
-    error(string.format('%s: expected an options table {%s}, got %s', what, sorted_keys(valid), type(opts)), 0)
-  end
-  for k in pairs(opts) do
-    if not valid[k] then
-      error(string.format("%s: unknown option '%s' (valid: %s)", what, tostring(k), sorted_keys(valid)), 0)
-    end
-  end
-  return opts
-end
-
 -- The C handle of an optional tensor argument (nil gives NULL).
 local function optional(t, what)
   if t == nil then return nil end
@@ -165,7 +144,7 @@ end
 local cross_entropy_options = { weight = true, ignore_index = true, label_smoothing = true, reduction = true }
 function F.cross_entropy(logits, target, opts)
   local what = 'cross_entropy'
-  local o = options(what, opts, cross_entropy_options)
+  local o = core.options(what, opts, cross_entropy_options)
   local ignore = o.ignore_index == nil and -100 or core.int(o.ignore_index, 'cross_entropy ignore_index')
   local smoothing = number(what, 'label_smoothing', o.label_smoothing, 0)
   if smoothing < 0 or smoothing > 1 then
@@ -177,19 +156,19 @@ end
 
 local reduction_only = { reduction = true }
 function F.mse_loss(a, b, opts)
-  local o = options('mse_loss', opts, reduction_only)
+  local o = core.options('mse_loss', opts, reduction_only)
   return wrap(C.ts_mse_loss(handle(a, 'mse_loss'), handle(b, 'mse_loss'), reduction('mse_loss', o.reduction)))
 end
 
 function F.l1_loss(a, b, opts)
-  local o = options('l1_loss', opts, reduction_only)
+  local o = core.options('l1_loss', opts, reduction_only)
   return wrap(C.ts_l1_loss(handle(a, 'l1_loss'), handle(b, 'l1_loss'), reduction('l1_loss', o.reduction)))
 end
 
 local smooth_l1_options = { beta = true, reduction = true }
 function F.smooth_l1_loss(a, b, opts)
   local what = 'smooth_l1_loss'
-  local o = options(what, opts, smooth_l1_options)
+  local o = core.options(what, opts, smooth_l1_options)
   local beta = number(what, 'beta', o.beta, 1)
   if beta < 0 then error(string.format('smooth_l1_loss: beta must be non-negative, got %s', tostring(beta)), 0) end
   return wrap(C.ts_smooth_l1_loss(handle(a, what), handle(b, what), beta, reduction(what, o.reduction)))
@@ -197,7 +176,7 @@ end
 
 -- ---- activations: the elementwise ops under torch.nn.functional's names -------------------------
 function F.gelu(x, opts)
-  local o = options('gelu', opts, { approximate = true })
+  local o = core.options('gelu', opts, { approximate = true })
   if o.approximate ~= nil and o.approximate ~= 'none' then
     error(string.format("gelu: approximate = %s is not supported; only the exact (erf) form 'none' is",
       tostring(o.approximate)), 0)

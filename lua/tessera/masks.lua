@@ -47,14 +47,6 @@ local function number_arg(x, what, name)
   return x
 end
 
-local function options(opts, what)
-  if opts == nil then return {} end
-  if type(opts) ~= 'table' or core.is_tensor(opts) then
-    error(string.format('%s: options must be a table, got %s', what, type(opts)), 0)
-  end
-  return opts
-end
-
 -- ---- the Mask object ---------------------------------------------------------------------------
 local Mask = {}
 Mask.__index = Mask
@@ -147,7 +139,7 @@ end
 
 function masks.random(n, h, w, opts)
   local what = 'masks.random'
-  opts = options(opts, what)
+  opts = core.options(what, opts, { 'ratio', 'noise', 'generator' })
   n, h, w = grid_args(n, h, w, what)
   local ratio = number_arg(opts.ratio or 0.75, what, 'ratio')
   local t
@@ -167,7 +159,7 @@ end
 local function group_strategy(kind, strategy)
   local what = 'masks.' .. strategy
   return function(n, h, w, opts)
-    opts = options(opts, what)
+    opts = core.options(what, opts, { 'ratio', 'generator' })
     n, h, w = grid_args(n, h, w, what)
     local ratio = number_arg(opts.ratio or 0.75, what, 'ratio')
     local t = wrap(C.ts_mask_generate(kind, n, h, w, ratio, generator_handle(opts.generator, what)))
@@ -180,7 +172,7 @@ masks.uniform = group_strategy(C.TS_MASK_UNIFORM, 'uniform')
 -- SimMIM's MaskGenerator defaults: 192 px input, 32 px mask patches, 4 px model patches, 60%.
 function masks.simmim(n, opts)
   local what = 'masks.simmim'
-  opts = options(opts, what)
+  opts = core.options(what, opts, { 'input_size', 'mask_patch_size', 'model_patch_size', 'ratio', 'generator' })
   n = count_arg(n, what, 'n')
   local input = count_arg(opts.input_size or 192, what, 'input_size')
   local mask_patch = count_arg(opts.mask_patch_size or 32, what, 'mask_patch_size')
@@ -198,7 +190,7 @@ local formulas = { swin = C.TS_SECONDARY_SWIN, pvt = C.TS_SECONDARY_SWIN, vit = 
 -- grid). Returns a new Mask that shares the primary mask and adds new_mask and vis_mask.
 function masks.secondary(m, opts)
   local what = 'masks.secondary'
-  opts = options(opts, what)
+  opts = core.options(what, opts, { 'ratio', 'noise', 'formula', 'generator', 'h', 'w' })
   local base
   if is_mask(m) then
     base = m
@@ -228,7 +220,7 @@ end
 -- patches (the swin formula by default; 'vit' for the ViT model).
 function masks.uniform_masking(n, h, w, opts)
   local what = 'masks.uniform_masking'
-  opts = options(opts, what)
+  opts = core.options(what, opts, { 'ratio', 'noise', 'formula', 'generator' })
   local us = masks.uniform(n, h, w, { generator = opts.generator })
   local m = masks.secondary(us, { ratio = opts.ratio or 0.25, formula = opts.formula, noise = opts.noise,
     generator = opts.generator })
@@ -323,7 +315,7 @@ local GAP = 2  -- white pixels between panels
 -- the unmasked image first), denormalize (undo ImageNet normalization). Returns the path.
 function masks.render(path, img, mask_list, opts)
   local what = 'masks.render'
-  opts = options(opts, what)
+  opts = core.options(what, opts, { 'labels', 'denormalize', 'index', 'original', 'h', 'w' })
   if type(path) ~= 'string' then error(what .. ': path must be a string, got ' .. type(path), 0) end
   if is_mask(mask_list) or core.is_tensor(mask_list) then mask_list = { mask_list } end
   if type(mask_list) ~= 'table' then error(what .. ': expected a Mask or a list of masks, got ' .. type(mask_list), 0) end
@@ -362,7 +354,7 @@ end
 -- 64). mask: a Mask or a mask tensor; opts.index picks the image of a batch (0-based).
 function masks.show_string(img, m, opts)
   local what = 'masks.show'
-  opts = options(opts, what)
+  opts = core.options(what, opts, { 'width', 'index', 'denormalize', 'h', 'w' })
   local planes, hh, ww = image_planes(img, opts, what)
   local removed, secondary, gh, gw = nil, nil, 1, 1
   if m ~= nil then removed, secondary, gh, gw = mask_tables(m, opts.index or 0, opts, what) end

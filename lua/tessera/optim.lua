@@ -22,26 +22,6 @@ local optim = {}
 T.optim = optim
 
 -- ---- argument checks -----------------------------------------------------------------------------
-local function sorted_keys(set)
-  local names = {}
-  for k in pairs(set) do names[#names + 1] = tostring(k) end
-  table.sort(names)
-  return table.concat(names, ', ')
-end
-
-local function check_options(what, opts, valid)
-  if opts == nil then return {} end
-  if type(opts) ~= 'table' or core.is_tensor(opts) then
-    error(string.format('%s: options must be a table, got %s', what, type(opts)), 0)
-  end
-  for k in pairs(opts) do
-    if not valid[k] then
-      error(string.format("%s: unknown option '%s' (valid: %s)", what, tostring(k), sorted_keys(valid)), 0)
-    end
-  end
-  return opts
-end
-
 local function is_number(x) return type(x) == 'number' and x == x end
 
 local function check_nonnegative(what, name, v)
@@ -162,9 +142,7 @@ optim.Optimizer = Optimizer
 
 local function new_optimizer(class, params, opts)
   local what = class.name
-  local valid = {}
-  for k in pairs(class.defaults) do valid[k] = true end
-  opts = check_options(what, opts, valid)
+  opts = core.options(what, opts, class.defaults)
   local defaults = {}
   for k, v in pairs(class.defaults) do defaults[k] = v end
   for k, v in pairs(opts) do defaults[k] = v end
@@ -294,7 +272,7 @@ local function load_state_entry(self, what, index, entry, p)
   for k, v in pairs(entry) do
     if not self.state_keys[k] then
       error(string.format("%s: state %d has key '%s', which %s does not keep (expected: %s)", what, index,
-        tostring(k), self.name, sorted_keys(self.state_keys)), 0)
+        tostring(k), self.name, table.concat(core.sorted_names(self.state_keys), ', ')), 0)
     end
     if core.is_tensor(v) and k ~= 'step' then
       if tostring(v.shape) ~= tostring(p.shape) then
@@ -665,7 +643,7 @@ local lrd_options = { weight_decay = true, no_weight_decay_list = true, layer_de
 --   opts.num_layers                   (default: blocks + 1, counted from the names or depths)
 function optim.param_groups_lrd(model, opts)
   local what = 'param_groups_lrd'
-  opts = check_options(what, opts, lrd_options)
+  opts = core.options(what, opts, lrd_options)
   local weight_decay = check_nonnegative(what, 'weight_decay', opts.weight_decay or 0.05)
   local layer_decay = check_nonnegative(what, 'layer_decay', opts.layer_decay or 0.75)
   local skip = name_set(what, opts.no_weight_decay_list)
@@ -723,7 +701,7 @@ end
 -- cosine from base_lr down to min_lr at `epochs` (held at min_lr after that).
 function lr_schedule.cosine_warmup(o)
   local what = 'lr_schedule.cosine_warmup'
-  o = check_options(what, o, { base_lr = true, min_lr = true, warmup_epochs = true, epochs = true })
+  o = core.options(what, o, { base_lr = true, min_lr = true, warmup_epochs = true, epochs = true })
   local base, warmup = warmup_args(what, o)
   local min_lr = check_nonnegative(what, 'min_lr', o.min_lr or 0)
   local epochs = check_positive(what, 'epochs', o.epochs)
@@ -743,7 +721,7 @@ end
 -- base_lr * gamma ^ (number of boundaries passed), boundaries every step_size epochs or at milestones.
 function lr_schedule.step(o)
   local what = 'lr_schedule.step'
-  o = check_options(what, o, { base_lr = true, step_size = true, milestones = true, gamma = true, warmup_epochs = true })
+  o = core.options(what, o, { base_lr = true, step_size = true, milestones = true, gamma = true, warmup_epochs = true })
   local base, warmup = warmup_args(what, o)
   local gamma = check_nonnegative(what, 'gamma', o.gamma or 0.1)
   if (o.step_size == nil) == (o.milestones == nil) then
@@ -774,7 +752,7 @@ end
 -- A constant learning rate after an optional linear warmup.
 function lr_schedule.constant(o)
   local what = 'lr_schedule.constant'
-  o = check_options(what, o, { base_lr = true, warmup_epochs = true })
+  o = core.options(what, o, { base_lr = true, warmup_epochs = true })
   local base, warmup = warmup_args(what, o)
   return function(epoch)
     check_epoch(what, epoch)
@@ -813,7 +791,7 @@ function optim.Accumulator(optimizer, accum_iter, opts)
   local what = 'Accumulator'
   if type(optimizer) ~= 'table' or type(optimizer.step) ~= 'function' then error(what .. ': expected an optimizer', 0) end
   check_count(what, 'accum_iter', accum_iter, 1)
-  opts = check_options(what, opts, { max_norm = true, norm_type = true })
+  opts = core.options(what, opts, { max_norm = true, norm_type = true })
   if opts.max_norm ~= nil then check_nonnegative(what, 'max_norm', opts.max_norm) end
   return setmetatable({ optimizer = optimizer, accum_iter = accum_iter, count = 0, max_norm = opts.max_norm,
     norm_type = norm_type_arg(what, opts.norm_type) }, Accumulator)

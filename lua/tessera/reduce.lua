@@ -24,17 +24,6 @@ local function is_options(x)
   return type(x) == 'table' and not core.is_tensor(x) and x[1] == nil and next(x) ~= nil
 end
 
-local function check_options(what, opts, valid)
-  for k in pairs(opts) do
-    if not valid[k] then
-      local names = {}
-      for n in pairs(valid) do names[#names + 1] = n end
-      table.sort(names)
-      error(string.format("%s: unknown option '%s' (valid: %s)", what, tostring(k), table.concat(names, ', ')), 0)
-    end
-  end
-end
-
 local function check_bool(what, name, v)
   if v ~= nil and type(v) ~= 'boolean' then
     error(string.format('%s: %s must be a boolean, got %s', what, name, type(v)), 0)
@@ -78,7 +67,7 @@ local function split_args(what, dim, second, valid)
   else
     opts = { keepdim = second }
   end
-  check_options(what, opts, valid)
+  core.options(what, opts, valid)
   return dim, check_bool(what, 'keepdim', opts.keepdim), opts
 end
 
@@ -133,7 +122,7 @@ local function variance(name, take_sqrt)
     else
       opts = { unbiased = unbiased, keepdim = keepdim }
     end
-    check_options(name, opts, var_options)
+    core.options(name, opts, var_options)
     if opts.unbiased ~= nil and opts.correction ~= nil then
       error(name .. ': give either unbiased or correction, not both', 0)
     end
@@ -166,11 +155,11 @@ local norm_options = { p = true, dim = true, keepdim = true }
 function Tensor.norm(t, p, dim, keepdim)
   if is_options(p) then
     if dim ~= nil or keepdim ~= nil then error('norm: options table given, then another argument', 0) end
-    check_options('norm', p, norm_options)
+    core.options('norm', p, norm_options)
     p, dim, keepdim = p.p, p.dim, p.keepdim
   elseif is_options(dim) then
     if keepdim ~= nil then error('norm: options table given, then another argument', 0) end
-    check_options('norm', dim, { dim = true, keepdim = true })
+    core.options('norm', dim, { dim = true, keepdim = true })
     dim, keepdim = dim.dim, dim.keepdim
   end
   local order = norm_order(p)
@@ -184,7 +173,7 @@ T.norm = Tensor.norm
 local function single_dim_args(what, dim, keepdim)
   if is_options(dim) then
     if keepdim ~= nil then error(what .. ': options table given, then another argument', 0) end
-    check_options(what, dim, { dim = true, keepdim = true })
+    core.options(what, dim, { dim = true, keepdim = true })
     dim, keepdim = dim.dim, dim.keepdim
   end
   if dim ~= nil then dim_int(what, dim) end

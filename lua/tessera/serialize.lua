@@ -18,18 +18,6 @@ local ffi, C, T = core.ffi, core.C, core.T
 
 T.json = json
 
-local function check_options(what, opts, valid)
-  if type(opts) ~= 'table' then error(string.format('%s: options must be a table, got %s', what, type(opts)), 0) end
-  for k in pairs(opts) do
-    if not valid[k] then
-      local names = {}
-      for n in pairs(valid) do names[#names + 1] = n end
-      table.sort(names)
-      error(string.format("%s: unknown option '%s' (valid: %s)", what, tostring(k), table.concat(names, ', ')), 0)
-    end
-  end
-end
-
 -- ---- saving --------------------------------------------------------------------------------------
 local function metadata_string(key, v)
   local tv = type(v)
@@ -101,8 +89,7 @@ end
 
 -- T.save(path, tensors_or_module[, {metadata = {...}}])
 function T.save(path, obj, opts)
-  opts = opts or {}
-  check_options('save', opts, { metadata = true })
+  opts = core.options('save', opts, { metadata = true })
   if type(path) ~= 'string' then error('save: path must be a string, got ' .. type(path), 0) end
   local sd, names = entries_to_save(obj)
   local meta = metadata_json(opts.metadata)
@@ -141,8 +128,7 @@ end
 -- T.load(path) → tensors (name → tensor), metadata (key → string)
 -- T.load(path, {into = module, strict = true}) → the module's load_state_dict report, metadata
 function T.load(path, opts)
-  opts = opts or {}
-  check_options('load', opts, { into = true, strict = true })
+  opts = core.options('load', opts, { into = true, strict = true })
   if type(path) ~= 'string' then error('load: path must be a string, got ' .. type(path), 0) end
   if opts.into ~= nil and not (type(opts.into) == 'table' and type(opts.into.load_state_dict) == 'function') then
     error('load: into must be a module (with load_state_dict), got ' .. type(opts.into), 0)

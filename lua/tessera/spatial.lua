@@ -25,20 +25,6 @@ local F = T.F
 -- ---- argument parsing --------------------------------------------------------------------------
 local function is_options(x) return type(x) == 'table' and not core.is_tensor(x) end
 
-local function check_options(what, opts, valid)
-  if opts == nil then return {} end
-  if not is_options(opts) then error(string.format('%s: expected an options table, got %s', what, type(opts)), 0) end
-  for k in pairs(opts) do
-    if not valid[k] then
-      local names = {}
-      for n in pairs(valid) do names[#names + 1] = n end
-      table.sort(names)
-      error(string.format("%s: unknown option '%s' (valid: %s)", what, tostring(k), table.concat(names, ', ')), 0)
-    end
-  end
-  return opts
-end
-
 local function set_of(...)
   local s = {}
   for _, k in ipairs { ... } do s[k] = true end
@@ -94,7 +80,7 @@ end
 
 function F.conv2d(x, w, b, opts)
   if opts == nil and is_options(b) then b, opts = nil, b end
-  opts = check_options('conv2d', opts, conv_options)
+  opts = core.options('conv2d', opts, conv_options)
   local sh, sw = pair('conv2d', 'stride', opts.stride, 1)
   local dh, dw = pair('conv2d', 'dilation', opts.dilation, 1)
   local groups = core.int(opts.groups or 1, 'conv2d: groups')
@@ -113,7 +99,7 @@ local avg_options = set_of('stride', 'padding', 'ceil_mode', 'count_include_pad'
 local max_options = set_of('stride', 'padding', 'dilation', 'ceil_mode')
 
 function F.avg_pool2d(x, kernel_size, opts)
-  opts = check_options('avg_pool2d', opts, avg_options)
+  opts = core.options('avg_pool2d', opts, avg_options)
   local kh, kw = pair('avg_pool2d', 'kernel_size', kernel_size)
   local sh, sw = pair('avg_pool2d', 'stride', opts.stride, { kh, kw })
   local ph, pw = pair('avg_pool2d', 'padding', opts.padding, 0)
@@ -123,7 +109,7 @@ function F.avg_pool2d(x, kernel_size, opts)
 end
 
 function F.max_pool2d(x, kernel_size, opts)
-  opts = check_options('max_pool2d', opts, max_options)
+  opts = core.options('max_pool2d', opts, max_options)
   local kh, kw = pair('max_pool2d', 'kernel_size', kernel_size)
   local sh, sw = pair('max_pool2d', 'stride', opts.stride, { kh, kw })
   local ph, pw = pair('max_pool2d', 'padding', opts.padding, 0)
@@ -155,7 +141,7 @@ local function scale_pair(v)
 end
 
 function F.interpolate(x, opts)
-  opts = check_options('interpolate', opts, interpolate_options)
+  opts = core.options('interpolate', opts, interpolate_options)
   local mode = opts.mode or 'nearest'
   if modes[mode] == nil then
     error(string.format("interpolate: unknown mode '%s' (valid: bilinear, nearest)", tostring(mode)), 0)
@@ -191,7 +177,7 @@ local pad_options = set_of('mode', 'value')
 
 function F.pad(x, pad, opts, value)
   if type(opts) == 'string' then opts = { mode = opts, value = value } end
-  opts = check_options('pad', opts, pad_options)
+  opts = core.options('pad', opts, pad_options)
   if opts.mode ~= nil and opts.mode ~= 'constant' then
     error(string.format("pad: only mode 'constant' is supported, got '%s'", tostring(opts.mode)), 0)
   end

@@ -10,16 +10,8 @@ local L = {}
 -- Constructor arguments arrive under the official names (as in the reference files' ctor_kwargs).
 -- norm_layer is {type = 'LayerNorm', eps = E} or a number (the eps).
 function L.args(class, given, defaults)
-  local out, valid = {}, {}
-  for k, v in pairs(defaults) do out[k] = v; valid[#valid + 1] = k end
-  table.sort(valid)
-  for k, v in pairs(given or {}) do
-    if defaults[k] == nil then
-      error(string.format('%s: unknown argument %s (valid: %s)', class, tostring(k), table.concat(valid, ', ')), 3)
-    end
-    out[k] = v
-  end
-  for k, v in pairs(out) do if v == nn.NONE then out[k] = nil end end
+  local out = nn.options(class, given, defaults)
+  for k, v in pairs(out) do if v == nn.NONE then out[k] = nil end end   -- nn.NONE given for a key
   return out
 end
 

@@ -6,24 +6,17 @@ local T = core.T
 return function(nn)
   local Module, Parameter, Buffer, init = nn.Module, nn.Parameter, nn.Buffer, nn.init
 
-  -- Checks an options table against its defaults: unknown keys are an error listing valid ones.
-  -- A default of nn.NONE is a valid key whose default is nil.
+  -- The options merged over their defaults (the keys of `defaults` are the valid ones). A default
+  -- of nn.NONE is a valid key whose default is nil.
   local NONE = {}
   nn.NONE = NONE
   local function options(layer, opts, defaults)
-    opts = opts or {}
-    local out, valid = {}, {}
+    opts = core.options(layer, opts, defaults)
+    local out = {}
     for k, v in pairs(defaults) do
       if v ~= NONE then out[k] = v end
-      valid[#valid + 1] = k
     end
-    table.sort(valid)
-    for k, v in pairs(opts) do
-      if defaults[k] == nil then
-        error(string.format('%s: unknown option %s (valid: %s)', layer, tostring(k), table.concat(valid, ', ')), 3)
-      end
-      out[k] = v
-    end
+    for k, v in pairs(opts) do out[k] = v end
     return out
   end
   nn.options = options
