@@ -366,20 +366,29 @@ describe('memory and lifetime', function()
     t:free() -- a second free is harmless
   end)
 
-  it('caches large host blocks for reuse until empty_cache()', function()
+  it('caches large host blocks by size class for reuse until empty_cache()', function()
+    local MB = 1024 * 1024
+    local function held() local s = T.memory_stats(); return s.reserved - s.live end -- beyond live bytes
     T.empty_cache()
-    local t = T.empty(16 * 1024 * 1024)
+    local base = held() -- other live tensors' rounding up to their size class
+    local t = T.empty(16 * MB) -- 64 MB: a size class of its own
     local live = T.memory_stats().live
     t:free()
-    local s = T.memory_stats()
-    assert.equal(live - 64 * 1024 * 1024, s.live)
-    assert.is_true(s.reserved >= s.live + 64 * 1024 * 1024)
-    local again = T.empty(16 * 1024 * 1024) -- served from the cache
-    assert.equal(s.reserved, T.memory_stats().reserved)
+    assert.equal(live - 64 * MB, T.memory_stats().live)
+    assert.equal(base + 64 * MB, held()) -- cached, still reserved
+    local reserved = T.memory_stats().reserved
+    -- 62 MB rounds up to the same 64 MB class (eight classes per power of two): the cached block
+    -- serves it, and the 2 MB it does not use still count as reserved
+    local again = T.empty(62 * MB / 4)
+    assert.equal(reserved, T.memory_stats().reserved)
+    assert.equal(base + 2 * MB, held())
+    -- 40 MB is another class: a fresh block
+    local other = T.empty(40 * MB / 4)
+    assert.equal(reserved + 40 * MB, T.memory_stats().reserved)
     again:free()
+    other:free()
     T.empty_cache()
-    s = T.memory_stats()
-    assert.equal(s.live, s.reserved)
+    assert.equal(base, held())
   end)
 
   it('views keep their storage alive after the base is freed', function()

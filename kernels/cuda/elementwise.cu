@@ -365,3 +365,100 @@ extern "C" int cuda_clamp(ts_tensor *out, const ts_tensor *a, double lo, double 
     }
   });
 }
+
+// ---- unary backward: gx = g * f'(x), written with x and y = f(x) --------------------------------
+// The formulas of kernels/cpu/elementwise.c, evaluated in the same order. Every product that feeds
+// a sum goes through the explicitly rounded intrinsics, which the compiler never fuses into a
+// multiply-add, so the GPU rounds each step as the CPU does; float16 and bfloat16 compute in float
+// (the CPU's compute dtype for them) and round once when stored.
+namespace {
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+
+// The CPU's float erf (a rational function on [-4, 4], kernels/cpu/elementwise.c); double uses erf.
+__device__ __forceinline__ float cpu_erf(float x) {
+  x = x < -4.f ? -4.f : x > 4.f ? 4.f : x;
+  float x2 = __fmul_rn(x, x);
+  float p = __fadd_rn(__fmul_rn(x2, -2.72614225801306e-10f), 2.77068142495902e-08f);
+  p = __fadd_rn(__fmul_rn(x2, p), -2.10102402082508e-06f);
+  p = __fadd_rn(__fmul_rn(x2, p), -5.69250639462346e-05f);
+  p = __fadd_rn(__fmul_rn(x2, p), -7.34990630326855e-04f);
+  p = __fadd_rn(__fmul_rn(x2, p), -2.95459980854025e-03f);
+  p = __fadd_rn(__fmul_rn(x2, p), -1.60960333262415e-02f);
+  float q = __fadd_rn(__fmul_rn(x2, -1.45660718464996e-05f), -2.13374055278905e-04f);
+  q = __fadd_rn(__fmul_rn(x2, q), -1.68282697438203e-03f);
+  q = __fadd_rn(__fmul_rn(x2, q), -7.37332916720468e-03f);
+  q = __fadd_rn(__fmul_rn(x2, q), -1.42647390514189e-02f);
+  return __fmul_rn(x, p) / q;
+}
+__device__ __forceinline__ double cpu_erf(double x) { return erf(x); }
+
+template <typename T> __device__ T unary_derivative(int op, T g, T x, T y) {
+  const T one = 1, zero = 0;
+  switch (op) {
+  case TS_NEG: return -g;
+  case TS_ABS: return x > 0 ? g : x < 0 ? -g : zero;
+  case TS_EXP: return mul_rn(g, y);
+  case TS_EXPM1: return mul_rn(g, add_rn(y, one));
+  case TS_LOG: return g / x;
+  case TS_LOG1P: return g / add_rn(x, one);
+  case TS_SQRT: return g / mul_rn((T)2, y);
+  case TS_RSQRT: return mul_rn(mul_rn(mul_rn(mul_rn((T)-0.5, g), y), y), y);
+  case TS_TANH: return mul_rn(g, sub_rn(one, mul_rn(y, y)));
+  case TS_SIGMOID: return mul_rn(mul_rn(g, y), sub_rn(one, y));
+  case TS_ERF: return mul_rn(mul_rn(g, (T)1.12837916709551257390), exp(mul_rn(-x, x)));
+  case TS_RELU: return y > 0 ? g : zero;
+  case TS_GELU: {
+    T cdf = mul_rn((T)0.5, add_rn(one, cpu_erf(mul_rn(x, (T)0.70710678118654752440))));
+    T pdf = mul_rn(mul_rn(x, (T)0.39894228040143267794), exp(mul_rn(mul_rn((T)-0.5, x), x)));
+    return mul_rn(g, add_rn(cdf, pdf));
+  }
+  case TS_SILU: {
+    T s = one / add_rn(one, exp(-x));
+    return mul_rn(mul_rn(g, s), add_rn(one, mul_rn(x, sub_rn(one, s))));
+  }
+  case TS_SIN: return mul_rn(g, cos(x));
+  case TS_COS: return mul_rn(-g, sin(x));
+  case TS_RECIPROCAL: return mul_rn(mul_rn(-g, y), y);
+  case TS_SQUARE: return mul_rn(mul_rn((T)2, g), x);
+  default: return zero; // sign, floor, ceil, round, trunc: flat almost everywhere
+  }
+}
+
+template <int D> struct unary_backward_fn {
+  cuda_storage_t<D> *gx;
+  const cuda_storage_t<D> *g, *x, *y;
+  int op;
+  __device__ void operator()(const int64_t (&off)[4]) const {
+    using T = cuda_compute_t<D>;
+    T v = unary_derivative<T>(op, cuda_to_compute<D>(g[off[1]]), cuda_to_compute<D>(x[off[2]]),
+                              cuda_to_compute<D>(y[off[3]]));
+    gx[off[0]] = cuda_from_compute<D>(v);
+  }
+};
+
+bool unary_has_derivative(int op) { return op >= TS_NEG && op <= TS_SQUARE; }
+} // namespace
+
+extern "C" int cuda_unary_backward(int op, ts_tensor *gx, const ts_tensor *g, const ts_tensor *x, const ts_tensor *y) {
+  const char *name = ts_unary_op_name(op);
+  if (!unary_has_derivative(op)) return ts_set_error(TS_ERR_ARG, "%s: not differentiable", name);
+  if (!cuda_is_floating(x->dtype) || gx->dtype != x->dtype || g->dtype != x->dtype || y->dtype != x->dtype)
+    return ts_set_error(TS_ERR_DTYPE, "%s backward: the cuda kernel takes one floating dtype, got gx %s, g %s, x %s, y %s",
+                        name, ts_dtype_name(gx->dtype), ts_dtype_name(g->dtype), ts_dtype_name(x->dtype),
+                        ts_dtype_name(y->dtype));
+  const ts_tensor *ops[4] = {gx, g, x, y};
+  return cuda_dispatch_dtype(name, x->dtype, [&](auto tag) {
+    constexpr int D = decltype(tag)::value;
+    if constexpr (cuda_is_floating(D)) {
+      return cuda_foreach(name, ops, unary_backward_fn<D>{cuda_data<D>(gx), cuda_data<D>(g), cuda_data<D>(x),
+                                                          cuda_data<D>(y), op});
+    } else {
+      return not_defined(name, D);
+    }
+  });
+}
