@@ -1,6 +1,7 @@
 -- UM-MAE pre-training (Uniform Masking: uniform sampling + secondary masking) of a pyramid ViT.
 --   tessera run recipes/pretrain_ummae.lua --model swin_tiny --data /path/to/imagenet/train
 --   tessera run recipes/pretrain_ummae.lua --preset tiny --output_dir out   (a small Swin on Fashion-MNIST)
+--   ... --device cuda --precision bf16   (forward and loss under bfloat16 autocast; a no-op on the CPU)
 -- Defaults follow the paper's Table 8: AdamW (0.9, 0.95), base lr 1.5e-4 x batch / 256, weight
 -- decay 0.05, cosine schedule with 10 warm-up epochs of 200, normalized-pixel loss, secondary
 -- masking ratio 0.25, 256 x 256 inputs.
@@ -50,11 +51,12 @@ return {
     batch_size = 64, accum_iter = 1, epochs = 200, warmup_epochs = 10, blr = 1.5e-4, lr = 0, min_lr = 0,
     weight_decay = 0.05, clip_grad = 0, vis_mask_ratio = 0.25, norm_pix_loss = true, decoder_pos = 'official',
     num_workers = 2, seed = 0, log_every = 20, checkpoint_every = 500, max_iters_per_epoch = 0, eval_size = 16,
-    stop_after = 0, device = 'cpu',
+    stop_after = 0, device = 'cpu', precision = 'fp32',
   },
   types = { lr = 'number', min_lr = 'number', clip_grad = 'number', blr = 'number', weight_decay = 'number' },
   model_keys = { 'model', 'input_size' },
-  choices = { model = { 'swin_tiny', 'swin_large', 'pvt_small', 'vit_base', 'swin_micro' }, decoder_pos = { 'official', 'corrected' } },
+  choices = { model = { 'swin_tiny', 'swin_large', 'pvt_small', 'vit_base', 'swin_micro' },
+    decoder_pos = { 'official', 'corrected' }, precision = { 'fp32', 'bf16' } },
   presets = {
     -- the README's main job: a small Swin on Fashion-MNIST, about 10 minutes on 2 cores
     tiny = { model = 'swin_micro', input_size = 64, batch_size = 32, epochs = 4, warmup_epochs = 1, blr = 1.5e-3,

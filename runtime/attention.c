@@ -8,7 +8,11 @@
  *
  * One node records the whole op. It saves the prepared blocks, the bias view, the output and the
  * per-row log-sum-exp; backward recomputes the probabilities from them (no [Nq, Nk] matrix is kept
- * between forward and backward). */
+ * between forward and backward). The log-sum-exp is kept in float32 (float64 for float64 inputs)
+ * also where the backend computes float16/bfloat16 natively (CUDA): rounded to 16 bits it would put
+ * every recomputed probability a rounding step off. Under autocast (autocast.h) attention on CUDA
+ * devices runs in the autocast dtype. */
+#include "autocast.h"
 #include "nn.h"
 
 #include <math.h>
@@ -161,12 +165,16 @@ static void release_blocks(attn_blocks *b) {
   for (int i = 0; i < 6; i++) ts_release(all[i]);
 }
 
+/* The dtype of the saved log-sum-exp for a compute dtype: the kernels' accumulation type. */
+static int lse_dtype(int compute) { return compute == TS_F64 ? TS_F64 : TS_F32; }
+
 static int run_forward(const attn_shape *s, const ts_backend *be, int compute, ts_tensor *q, ts_tensor *k, ts_tensor *v,
                        ts_tensor *bias, double scale, attn_blocks *b) {
   int64_t out_shape[3] = {s->heads, s->nq, s->dv}, lse_shape[2] = {s->heads, s->nq};
   if (!(b->q = as_blocks(q, compute, s, s->nq, s->d)) || !(b->k = as_blocks(k, compute, s, s->nk, s->d)) ||
       !(b->v = as_blocks(v, compute, s, s->nk, s->dv)) || (bias && !(b->bias = bias_view(bias, compute, s))) ||
-      !(b->out = ts_empty(3, out_shape, compute, q->device)) || !(b->lse = ts_empty(2, lse_shape, compute, q->device)))
+      !(b->out = ts_empty(3, out_shape, compute, q->device)) ||
+      !(b->lse = ts_empty(2, lse_shape, lse_dtype(compute), q->device)))
     return ts_last_status();
   if (s->heads * s->nq == 0) return TS_OK;
   return be->attention(b->out, b->lse, b->q, b->k, b->v, b->bias, scale);
@@ -282,6 +290,13 @@ static ts_tensor *record(const attn_shape *s, ts_tensor *out, ts_tensor *const i
 
 /* ---- the entry point -------------------------------------------------------------------------- */
 ts_tensor *ts_attention(ts_tensor *q, ts_tensor *k, ts_tensor *v, ts_tensor *bias, double scale) {
+  ts_tensor *in[4] = {q, k, v, bias}, *cast[4];
+  if (ts_autocast_needed(TS_AUTOCAST_LOW, 4, in)) { /* mixed precision: the kernel in 16 bits */
+    if (ts_autocast_cast(TS_AUTOCAST_LOW, 4, in, cast)) return NULL;
+    ts_tensor *out = ts_attention(cast[0], cast[1], cast[2], cast[3], scale);
+    ts_autocast_release(4, cast);
+    return out;
+  }
   attn_shape s = {0};
   if (check_tensor(q, "q", 2) || check_tensor(k, "k", 2) || check_tensor(v, "v", 2)) return NULL;
   if (check_dtypes(q, k, v, bias) || check_sizes(&s, q, k, v) || (bias && align_bias(&s, bias))) return NULL;
@@ -322,8 +337,8 @@ static int check_packed(packed_shape *ps, const ts_tensor *q, const ts_tensor *k
                         const ts_tensor *bias) {
   if (!q) return ts_set_error(TS_ERR_ARG, "%s: q is NULL", PACKED);
   if (q->ndim < 2 || q->ndim > TS_MAX_DIMS - 1)
-    return ts_set_error(TS_ERR_SHAPE, "%s: q must have 2 to %d dims [..., N, features], got %s", PACKED, TS_MAX_DIMS - 1,
-                        ts_tshape(q));
+    return ts_set_error(TS_ERR_SHAPE, "%s: q must have 2 to %d dims [..., N, features], got %s", PACKED,
+                        TS_MAX_DIMS - 1, ts_tshape(q));
   if (heads < 1) return ts_set_error(TS_ERR_ARG, "%s: num_heads must be positive, got %lld", PACKED, (long long)heads);
   if (!ts_dtype_is_floating(q->dtype) || (kv && kv->dtype != q->dtype))
     return ts_set_error(TS_ERR_DTYPE, "%s: q and kv must share one floating dtype, got %s and %s", PACKED,
@@ -382,7 +397,8 @@ static void release_views(head_views *v) {
 static int views_of(const packed_shape *ps, ts_tensor *qd, ts_tensor *kvd, head_views *v) {
   ts_tensor *src = ps->packed_qkv ? qd : kvd;
   int64_t k0 = ps->packed_qkv ? ps->width : 0;
-  if (!(v->q = head_view(ps, qd, 0)) || !(v->k = head_view(ps, src, k0)) || !(v->v = head_view(ps, src, k0 + ps->width)))
+  if (!(v->q = head_view(ps, qd, 0)) || !(v->k = head_view(ps, src, k0)) ||
+      !(v->v = head_view(ps, src, k0 + ps->width)))
     return ts_last_status();
   return TS_OK;
 }
@@ -406,7 +422,7 @@ static int packed_forward(const packed_shape *ps, const ts_backend *be, int comp
   out_shape[q->ndim - 1] = ps->width;
   if (!(b->q = ts_nn_dense(q, compute)) || (kv && !(b->kv = ts_nn_dense(kv, compute))) ||
       (bias && !(b->bias = bias_view(bias, compute, s))) || !(b->out = ts_empty(q->ndim, out_shape, compute, q->device)) ||
-      !(b->lse = ts_empty(2, lse_shape, compute, q->device)))
+      !(b->lse = ts_empty(2, lse_shape, lse_dtype(compute), q->device)))
     return ts_last_status();
   if (s->heads * s->nq == 0) return TS_OK;
   head_views v = {0};
@@ -535,6 +551,13 @@ static ts_tensor *packed_composite(const packed_shape *ps, ts_tensor *q, ts_tens
 }
 
 ts_tensor *ts_attention_packed(ts_tensor *q, ts_tensor *kv, int64_t heads, ts_tensor *bias, double scale) {
+  ts_tensor *in[3] = {q, kv, bias}, *cast[3];
+  if (ts_autocast_needed(TS_AUTOCAST_LOW, 3, in)) { /* mixed precision: the kernel in 16 bits */
+    if (ts_autocast_cast(TS_AUTOCAST_LOW, 3, in, cast)) return NULL;
+    ts_tensor *out = ts_attention_packed(cast[0], cast[1], heads, cast[2], scale);
+    ts_autocast_release(3, cast);
+    return out;
+  }
   packed_shape ps;
   memset(&ps, 0, sizeof ps);
   if (check_packed(&ps, q, kv, heads, bias)) return NULL;

@@ -336,6 +336,8 @@ int ts_backward(ts_tensor *root, ts_tensor *grad, int retain_graph) {
     if (!g) return ts_last_status();
   }
   int previous = ts_set_grad_enabled(0);
+  /* gradients are computed in the dtypes the forward recorded, whatever autocast says now */
+  int autocast = ts_set_autocast(-1);
   int st;
   if (!root->grad_fn) {
     st = accumulate_leaf(root, g);
@@ -354,6 +356,7 @@ int ts_backward(ts_tensor *root, ts_tensor *grad, int retain_graph) {
     free(ready.items);
   }
   ts_release(g);
+  ts_set_autocast(autocast);
   ts_set_grad_enabled(previous);
   return st;
 }

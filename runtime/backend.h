@@ -85,8 +85,10 @@ typedef struct ts_backend {
   int (*linear)(ts_tensor *out, const ts_tensor *x, const ts_tensor *w, const ts_tensor *b);
   int (*linear_backward)(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_tensor *g, const ts_tensor *x,
                          const ts_tensor *w);
-  /* Normalization; all tensors contiguous, statistics in the compute dtype, w and b may be NULL,
-     gradient outputs that are NULL are not wanted. rstd = 1/sqrt(biased variance + eps).
+  /* Normalization; all tensors contiguous, w and b may be NULL, gradient outputs that are NULL are
+     not wanted. rstd = 1/sqrt(biased variance + eps). Statistics: layer and group norm's in float32
+     (float64 for float64 tensors) whatever the compute dtype, so that float16/bfloat16 computed
+     natively keep them unrounded; batch norm's in the compute dtype.
      layer norm: rows of x [M,N]; mean, rstd [M]; w, b [N]. */
   int (*layer_norm)(ts_tensor *out, ts_tensor *mean, ts_tensor *rstd, const ts_tensor *x, const ts_tensor *w,
                     const ts_tensor *b, double eps);
@@ -157,8 +159,8 @@ typedef struct ts_backend {
   int (*interpolate_backward)(ts_tensor *gx, const ts_tensor *g, int mode, int align_corners, const double scale[2]);
   /* @nn-attention (entries below this line) */
   /* Scaled dot-product attention over (batch·head) blocks in the compute dtype: q [BH,Nq,D], k [BH,Nk,D],
-     v [BH,Nk,Dv] and out [BH,Nq,Dv] are contiguous; lse [BH,Nq] receives each row's log-sum-exp of the
-     scores (-inf for a row masked entirely, whose output is zeros). bias: NULL or a view [E..., Nq, Nk]
+     v [BH,Nk,Dv] and out [BH,Nq,Dv] are contiguous; lse [BH,Nq] (float32, float64 for float64 blocks)
+     receives each row's log-sum-exp of the scores (-inf for a row masked entirely, whose output is zeros). bias: NULL or a view [E..., Nq, Nk]
      (any strides, 0 where broadcast) whose leading dims E enumerate the BH blocks row-major. */
   int (*attention)(ts_tensor *out, ts_tensor *lse, const ts_tensor *q, const ts_tensor *k, const ts_tensor *v,
                    const ts_tensor *bias, double scale);

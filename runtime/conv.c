@@ -3,7 +3,9 @@
  *
  * Unbatched [C, H, W] inputs are viewed as a batch of one (unsqueeze/squeeze record their own
  * views). float16 and bfloat16 compute in the backend's compute dtype (float32) and are rounded
- * back; the backend sees contiguous operands only. */
+ * back; the backend sees contiguous operands only. Under autocast (autocast.h) convolutions on CUDA
+ * devices run in the autocast dtype. */
+#include "autocast.h"
 #include "autograd.h"
 #include "backend.h"
 
@@ -177,6 +179,13 @@ static ts_tensor *conv2d_batched(ts_tensor *x, ts_tensor *w, ts_tensor *b, const
 ts_tensor *ts_conv2d(ts_tensor *x, ts_tensor *w, ts_tensor *b, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                      int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups) {
   if (!x || !w) return TS_FAIL_NULL(TS_ERR_ARG, "conv2d: NULL %s", x ? "weight" : "input");
+  ts_tensor *in[3] = {x, w, b}, *cast[3];
+  if (ts_autocast_needed(TS_AUTOCAST_LOW, 3, in)) { /* mixed precision: cuDNN in 16 bits */
+    if (ts_autocast_cast(TS_AUTOCAST_LOW, 3, in, cast)) return NULL;
+    ts_tensor *out = ts_conv2d(cast[0], cast[1], cast[2], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups);
+    ts_autocast_release(3, cast);
+    return out;
+  }
   conv_params p = {{stride_h, stride_w}, {pad_h, pad_w}, {dil_h, dil_w}, groups};
   if (check_params(&p) || check_dtypes(x, w, b)) return NULL;
   if (x->ndim != 3) return conv2d_batched(x, w, b, &p);

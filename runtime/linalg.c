@@ -11,7 +11,14 @@
  * is one large BLAS call instead of B small ones.
  *
  * Both are differentiable (autograd section at the end): the gradients are products again, and an
- * operand broadcast over batch dims gets its gradient summed over them inside one product. */
+ * operand broadcast over batch dims gets its gradient summed over them inside one product.
+ *
+ * Operands are float32, float64, float16 or bfloat16 (both of one dtype). A backend whose compute
+ * dtype for 16-bit values is the dtype itself (CUDA: cuBLASLt with float32 accumulation) multiplies
+ * them natively; the CPU converts them to float32, runs one float32 product and rounds the result
+ * back (float32 accumulation, one rounding at the end). Under autocast (autocast.h) products on CUDA
+ * devices run in the autocast dtype. */
+#include "autocast.h"
 #include "autograd.h"
 #include "backend.h"
 
@@ -37,9 +44,9 @@ static matrix_dims right_matrix(const ts_tensor *b) {
 
 static int check_operands(const char *op, const ts_tensor *a, const ts_tensor *b) {
   if (!a || !b) return ts_set_error(TS_ERR_ARG, "%s: NULL tensor", op);
-  if (a->dtype != b->dtype || (a->dtype != TS_F32 && a->dtype != TS_F64))
-    return ts_set_error(TS_ERR_DTYPE, "%s: expected float32 or float64 operands of the same dtype, got %s and %s", op,
-                        ts_dtype_name(a->dtype), ts_dtype_name(b->dtype));
+  if (a->dtype != b->dtype || !ts_dtype_is_floating(a->dtype))
+    return ts_set_error(TS_ERR_DTYPE, "%s: expected floating operands (float32, float64, float16 or bfloat16) of the "
+                        "same dtype, got %s and %s", op, ts_dtype_name(a->dtype), ts_dtype_name(b->dtype));
   return ts_same_device(op, a, b);
 }
 
@@ -151,8 +158,31 @@ static int run_batches(const ts_backend *be, ts_tensor *out, ts_tensor *a, matri
   }
 }
 
+/* forward(a, b) for 16-bit operands on a backend that computes them in float32: the operands
+   converted, the product, the result rounded back (grad mode off: no nodes for the conversions). */
+static ts_tensor *via_compute_dtype(ts_tensor *(*forward)(ts_tensor *, ts_tensor *), ts_tensor *a, ts_tensor *b,
+                                    int compute) {
+  int previous = ts_set_grad_enabled(0);
+  ts_tensor *ac = ts_to_dtype(a, compute), *bc = ac ? ts_to_dtype(b, compute) : NULL;
+  ts_tensor *wide = bc ? forward(ac, bc) : NULL, *out = wide ? ts_to_dtype(wide, a->dtype) : NULL;
+  ts_release(ac);
+  ts_release(bc);
+  ts_release(wide);
+  ts_set_grad_enabled(previous);
+  return out;
+}
+
+/* The backend's compute dtype for the operands (they passed check_operands), or -1 on error. */
+static int product_dtype(const ts_tensor *a) {
+  const ts_backend *be = ts_backend_for(a->device);
+  return be ? be->compute_dtype(a->dtype) : -1;
+}
+
 static ts_tensor *matmul_forward(ts_tensor *a, ts_tensor *b) {
   if (check_operands("matmul", a, b)) return NULL;
+  int compute = product_dtype(a);
+  if (compute < 0) return NULL;
+  if (compute != a->dtype) return via_compute_dtype(matmul_forward, a, b, compute);
   if (a->ndim == 0 || b->ndim == 0)
     return incompatible("matmul", a, b, ": both operands need at least 1 dim"), (ts_tensor *)NULL;
   matrix_dims ma = left_matrix(a), mb = right_matrix(b);
@@ -186,6 +216,9 @@ static ts_tensor *bmm_forward(ts_tensor *a, ts_tensor *b) {
                         ts_tshape(a), ts_tshape(b));
   if (a->shape[0] != b->shape[0] || a->shape[2] != b->shape[1])
     return incompatible("bmm", a, b, ""), (ts_tensor *)NULL;
+  int compute = product_dtype(a);
+  if (compute < 0) return NULL;
+  if (compute != a->dtype) return via_compute_dtype(bmm_forward, a, b, compute);
   const ts_backend *be = ts_backend_for(a->device);
   if (!be || TS_BACKEND_FN(be, bmm, "bmm", a->device)) return NULL;
   int64_t shape[3] = {a->shape[0], a->shape[1], b->shape[2]};
@@ -335,6 +368,21 @@ static ts_tensor *record_product(const char *name, ts_backward_fn backward, ts_t
   return ts_node_finish(n, out);
 }
 
-ts_tensor *ts_matmul(ts_tensor *a, ts_tensor *b) { return record_product("matmul", matmul_backward, a, b, matmul_forward(a, b)); }
+/* Under autocast, the product of the operands cast to its dtype (recorded casts, then product). */
+static ts_tensor *autocast_product(ts_tensor *(*product)(ts_tensor *, ts_tensor *), ts_tensor *a, ts_tensor *b) {
+  ts_tensor *in[2] = {a, b}, *cast[2];
+  if (ts_autocast_cast(TS_AUTOCAST_LOW, 2, in, cast)) return NULL;
+  ts_tensor *out = product(cast[0], cast[1]);
+  ts_autocast_release(2, cast);
+  return out;
+}
 
-ts_tensor *ts_bmm(ts_tensor *a, ts_tensor *b) { return record_product("bmm", bmm_backward, a, b, bmm_forward(a, b)); }
+ts_tensor *ts_matmul(ts_tensor *a, ts_tensor *b) {
+  if (ts_autocast_needed(TS_AUTOCAST_LOW, 2, (ts_tensor *[]){a, b})) return autocast_product(ts_matmul, a, b);
+  return record_product("matmul", matmul_backward, a, b, matmul_forward(a, b));
+}
+
+ts_tensor *ts_bmm(ts_tensor *a, ts_tensor *b) {
+  if (ts_autocast_needed(TS_AUTOCAST_LOW, 2, (ts_tensor *[]){a, b})) return autocast_product(ts_bmm, a, b);
+  return record_product("bmm", bmm_backward, a, b, bmm_forward(a, b));
+}

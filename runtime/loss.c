@@ -6,6 +6,7 @@
  * the logits. The kernel sees logits as [N, C, S] (S = d1 * ...), computes the log-softmax and the
  * loss per position in one pass, and saves only the log-sum-exp per position: the backward
  * recomputes the softmax from the logits (llm.c style), so no [N, C, S] intermediate is kept. */
+#include "autocast.h"
 #include "nn.h"
 
 #include <math.h>
@@ -213,6 +214,13 @@ static int ce_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
 
 ts_tensor *ts_cross_entropy(ts_tensor *logits, ts_tensor *target, ts_tensor *weight, int64_t ignore_index,
                             double label_smoothing, int reduction) {
+  ts_tensor *in[3] = {logits, target, weight}, *cast[3];
+  if (ts_autocast_needed(TS_AUTOCAST_FLOAT32, 3, in)) { /* mixed precision: in float32 */
+    if (ts_autocast_cast(TS_AUTOCAST_FLOAT32, 3, in, cast)) return NULL;
+    ts_tensor *out = ts_cross_entropy(cast[0], cast[1], cast[2], ignore_index, label_smoothing, reduction);
+    ts_autocast_release(3, cast);
+    return out;
+  }
   ce_layout l;
   if (check_cross_entropy(logits, target, weight, label_smoothing, reduction, &l)) return NULL;
   const ts_backend *be = TS_NN_BACKEND(logits, cross_entropy, "cross_entropy");
@@ -301,6 +309,13 @@ static ts_tensor *pointwise_forward(const ts_backend *be, int kind, ts_tensor *a
 }
 
 static ts_tensor *pointwise_loss(int kind, ts_tensor *a, ts_tensor *b, double beta, int reduction) {
+  ts_tensor *in[2] = {a, b}, *cast[2];
+  if (ts_autocast_needed(TS_AUTOCAST_FLOAT32, 2, in)) { /* mixed precision: in float32 */
+    if (ts_autocast_cast(TS_AUTOCAST_FLOAT32, 2, in, cast)) return NULL;
+    ts_tensor *out = pointwise_loss(kind, cast[0], cast[1], beta, reduction);
+    ts_autocast_release(2, cast);
+    return out;
+  }
   const char *op = pointwise_names[kind];
   if (ts_nn_check_floating(op, "input", a) || ts_nn_check_floating(op, "target", b) || check_reduction(op, reduction) ||
       ts_same_device(op, a, b))

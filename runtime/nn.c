@@ -6,6 +6,7 @@
  * and the node is attached to the result afterwards. Kernels compute in the backend's compute
  * dtype (float32 for float16/bfloat16); results and gradients are converted back to the inputs'
  * dtypes. */
+#include "autocast.h"
 #include "nn.h"
 
 #include <string.h>
@@ -171,6 +172,13 @@ static int linear_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
 }
 
 ts_tensor *ts_linear(ts_tensor *x, ts_tensor *w, ts_tensor *b) {
+  ts_tensor *in[3] = {x, w, b}, *cast[3];
+  if (ts_autocast_needed(TS_AUTOCAST_LOW, 3, in)) { /* mixed precision: one 16-bit GEMM */
+    if (ts_autocast_cast(TS_AUTOCAST_LOW, 3, in, cast)) return NULL;
+    ts_tensor *out = ts_linear(cast[0], cast[1], cast[2]);
+    ts_autocast_release(3, cast);
+    return out;
+  }
   if (check_linear(x, w, b)) return NULL;
   const ts_backend *be = TS_NN_BACKEND(x, linear, "linear");
   if (!be) return NULL;
@@ -226,6 +234,13 @@ static ts_tensor *softmax_forward(const ts_backend *be, ts_tensor *x, const int6
 }
 
 static ts_tensor *softmax_op(const char *op, ts_tensor *x, int dim, int log) {
+  if (ts_autocast_needed(TS_AUTOCAST_FLOAT32, 1, &x)) { /* mixed precision: in float32 */
+    ts_tensor *up;
+    if (ts_autocast_cast(TS_AUTOCAST_FLOAT32, 1, &x, &up)) return NULL;
+    ts_tensor *out = softmax_op(op, up, dim, log);
+    ts_autocast_release(1, &up);
+    return out;
+  }
   if (ts_nn_check_floating(op, "input", x)) return NULL;
   int d;
   if (ts_wrap_dim(op, dim, x->ndim, &d)) return NULL;

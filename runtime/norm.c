@@ -5,9 +5,12 @@
  *   layer norm  [M, N]     M rows (the leading dims) of N normalized values (the trailing dims)
  *   batch norm  [N, C, S]  statistics per channel over N and S (S: the spatial dims, 1 if none)
  *   group norm  [N, C, S]  statistics per sample and group of C/G channels
- * Statistics are kept in the compute dtype (float32 for float16/bfloat16 inputs) and saved for the
- * backward, which differentiates x, w and b in one pass (two for batch norm in training: the
+ * Layer and group norm keep their statistics in float32 (float64 for float64 inputs), also where
+ * the backend computes float16/bfloat16 natively (CUDA): rounding mean and rstd to 16 bits would
+ * shift every normalized value of a row. Batch norm keeps them in the compute dtype. They are saved
+ * for the backward, which differentiates x, w and b in one pass (two for batch norm in training: the
  * per-channel sums must be complete before any input gradient). */
+#include "autocast.h"
 #include "nn.h"
 
 #include <math.h>
@@ -74,7 +77,7 @@ static int norm_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
   if (!x || !mean || !rstd || (has_w && !w)) return ts_last_status();
   const ts_backend *be = backward_backend(x, (int)n->i[P_KIND]);
   if (!be) return ts_last_status();
-  int compute = mean->dtype, nd = (int)n->i[P_NDIM], failed = 0;
+  int compute = be->compute_dtype(x->dtype), nd = (int)n->i[P_NDIM], failed = 0;
   const int64_t layout[3] = {n->i[P_D0], n->i[P_D1], n->i[P_D2]};
   const ts_edge *ex = ts_node_input(n, 0), *ew = ts_node_input(n, 1), *eb = ts_node_input(n, 2);
   ts_tensor *xc = ts_nn_dense_as(x, compute, nd, layout), *gc = ts_nn_dense_as(g, compute, nd, layout);
@@ -118,15 +121,18 @@ typedef struct {
   int64_t layout[3], stats_shape[2];
 } norm_plan;
 
+/* The dtype of layer and group norm statistics for a compute dtype: the kernels' accumulation type. */
+static int stats_dtype(int compute) { return compute == TS_F64 ? TS_F64 : TS_F32; }
+
 /* Runs the forward kernel of plan; on success *mean and *rstd hold the statistics. */
 static ts_tensor *normalize(const ts_backend *be, const norm_plan *p, ts_tensor *x, ts_tensor *w, ts_tensor *b,
                             double eps, ts_tensor **mean, ts_tensor **rstd) {
-  int compute = be->compute_dtype(x->dtype);
+  int compute = be->compute_dtype(x->dtype), stats = stats_dtype(compute);
   ts_tensor *xc = ts_nn_dense_as(x, compute, p->nd, p->layout);
   ts_tensor *wc = w ? ts_nn_dense(w, compute) : NULL, *bc = b ? ts_nn_dense(b, compute) : NULL;
   ts_tensor *out = ts_empty(p->nd, p->layout, compute, x->device);
-  *mean = ts_empty(p->stats_nd, p->stats_shape, compute, x->device);
-  *rstd = ts_empty(p->stats_nd, p->stats_shape, compute, x->device);
+  *mean = ts_empty(p->stats_nd, p->stats_shape, stats, x->device);
+  *rstd = ts_empty(p->stats_nd, p->stats_shape, stats, x->device);
   int st = xc && (wc || !w) && (bc || !b) && out && *mean && *rstd ? TS_OK : ts_last_status();
   if (!st)
     st = p->kind == NORM_LAYER ? be->layer_norm(out, *mean, *rstd, xc, wc, bc, eps)
@@ -154,6 +160,13 @@ static ts_tensor *normalize_recorded(const ts_backend *be, const norm_plan *p, t
 }
 
 ts_tensor *ts_layer_norm(ts_tensor *x, int nnorm, ts_tensor *w, ts_tensor *b, double eps) {
+  ts_tensor *in[3] = {x, w, b}, *cast[3];
+  if (ts_autocast_needed(TS_AUTOCAST_FLOAT32, 3, in)) { /* mixed precision: in float32 */
+    if (ts_autocast_cast(TS_AUTOCAST_FLOAT32, 3, in, cast)) return NULL;
+    ts_tensor *out = ts_layer_norm(cast[0], nnorm, cast[1], cast[2], eps);
+    ts_autocast_release(3, cast);
+    return out;
+  }
   const char *op = "layer_norm";
   if (ts_nn_check_floating(op, "input", x)) return NULL;
   if (nnorm < 1 || nnorm > x->ndim)
@@ -171,6 +184,13 @@ ts_tensor *ts_layer_norm(ts_tensor *x, int nnorm, ts_tensor *w, ts_tensor *b, do
 }
 
 ts_tensor *ts_group_norm(ts_tensor *x, int64_t groups, ts_tensor *w, ts_tensor *b, double eps) {
+  ts_tensor *in[3] = {x, w, b}, *cast[3];
+  if (ts_autocast_needed(TS_AUTOCAST_FLOAT32, 3, in)) { /* mixed precision: in float32 */
+    if (ts_autocast_cast(TS_AUTOCAST_FLOAT32, 3, in, cast)) return NULL;
+    ts_tensor *out = ts_group_norm(cast[0], groups, cast[1], cast[2], eps);
+    ts_autocast_release(3, cast);
+    return out;
+  }
   const char *op = "group_norm";
   int64_t c = channels_of(op, x);
   if (c < 0) return NULL;
@@ -274,6 +294,14 @@ static int check_batch_norm(const ts_tensor *x, int64_t c, ts_tensor *rm, ts_ten
 
 ts_tensor *ts_batch_norm(ts_tensor *x, ts_tensor *running_mean, ts_tensor *running_var, ts_tensor *w, ts_tensor *b,
                          int training, double momentum, double eps) {
+  /* mixed precision: x, w and b in float32; the running statistics, updated in place, keep theirs */
+  ts_tensor *in[3] = {x, w, b}, *cast[3];
+  if (ts_autocast_needed(TS_AUTOCAST_FLOAT32, 3, in)) {
+    if (ts_autocast_cast(TS_AUTOCAST_FLOAT32, 3, in, cast)) return NULL;
+    ts_tensor *out = ts_batch_norm(cast[0], running_mean, running_var, cast[1], cast[2], training, momentum, eps);
+    ts_autocast_release(3, cast);
+    return out;
+  }
   const char *op = "batch_norm";
   int64_t c = channels_of(op, x);
   if (c < 0 || check_batch_norm(x, c, running_mean, running_var, w, b, training, momentum, eps)) return NULL;

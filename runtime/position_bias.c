@@ -129,7 +129,8 @@ static ts_tensor *composite(ts_tensor *pos, ts_tensor *w1, ts_tensor *b1, ts_ten
   ts_scope sc = {0};
   ts_tensor *keys = ts_scope_keep(&sc, ts_unsqueeze(pos, 2)), *queries = ts_scope_keep(&sc, ts_unsqueeze(pos, 3));
   ts_tensor *d = ts_s_binary(&sc, TS_SUB, keys, queries); /* d[w, c, i, j] = pos[w, c, j] - pos[w, c, i] */
-  ts_tensor *f = ts_s_binary(&sc, TS_MUL, ts_s_unary(&sc, TS_SIGN, d), ts_s_unary(&sc, TS_LOG1P, ts_s_unary(&sc, TS_ABS, d)));
+  ts_tensor *magnitude = ts_s_unary(&sc, TS_LOG1P, ts_s_unary(&sc, TS_ABS, d));
+  ts_tensor *f = ts_s_binary(&sc, TS_MUL, ts_s_unary(&sc, TS_SIGN, d), magnitude);
   ts_tensor *k1 = sc.failed ? NULL : as_conv_weight(&sc, w1), *k2 = sc.failed ? NULL : as_conv_weight(&sc, w2);
   ts_tensor *a = sc.failed ? NULL : ts_scope_keep(&sc, ts_conv2d(f, k1, b1, 1, 1, 0, 0, 1, 1, 1));
   ts_tensor *hidden = ts_s_unary(&sc, TS_RELU, a);

@@ -286,7 +286,8 @@ end)
 -- ---- the fused Swin position bias ------------------------------------------------------------------
 local rpb = T.F.relative_position_bias
 
--- Plain Lua, float64: out[w][h][i][j] = b2[h] + Σ_p w2[h][p] relu(b1[p] + Σ_c w1[p][c] f(pos[w][c][j] - pos[w][c][i])).
+-- Plain Lua, float64:
+--   out[w][h][i][j] = b2[h] + Σ_p w2[h][p] relu(b1[p] + Σ_c w1[p][c] f(pos[w][c][j] - pos[w][c][i])).
 local function position_bias_reference(pos, w1, b1, w2, b2)
   local P, C, H = #w1, #w1[1], #w2
   local function f(d) return d == 0 and 0 or (d > 0 and 1 or -1) * math.log(1 + math.abs(d)) end
@@ -354,13 +355,14 @@ describe('relative_position_bias', function()
   it('takes strided positions as the model passes them (window partition, then transpose)', function()
     local pos = positions(3, 7, 2, 220):transpose(1, 2) -- [3, 2, 7], not contiguous
     local w1, b1, w2, b2 = rand({ 4, 2 }, 221), rand({ 4 }, 222), rand({ 3, 4 }, 223), rand({ 3 }, 224)
-    S.assert_close(rpb(pos, w1, b1, w2, b2), position_bias_composite(pos, w1:view(4, 2, 1, 1), b1, w2:view(3, 4, 1, 1), b2),
-      1e-12, 1e-13)
+    local expected = position_bias_composite(pos, w1:view(4, 2, 1, 1), b1, w2:view(3, 4, 1, 1), b2)
+    S.assert_close(rpb(pos, w1, b1, w2, b2), expected, 1e-12, 1e-13)
   end)
 
   it('passes gradcheck for positions, weights and biases', function()
     local pos = positions(2, 2, 4, 230):requires_grad_()
-    local w1, b1, w2, b2 = leaf({ 3, 2, 1, 1 }, 231), leaf({ 3 }, 232, 0.2, 1), leaf({ 2, 3, 1, 1 }, 233), leaf({ 2 }, 234)
+    local w1, b1 = leaf({ 3, 2, 1, 1 }, 231), leaf({ 3 }, 232, 0.2, 1)
+    local w2, b2 = leaf({ 2, 3, 1, 1 }, 233), leaf({ 2 }, 234)
     check_grad('relative_position_bias', rpb, { pos, w1, b1, w2, b2 })
     local strided = positions(2, 18, 2, 235):transpose(1, 2):requires_grad_() -- N = 18 spans two blocks
     local w1m, w2m = leaf({ 2, 2 }, 236), leaf({ 3, 2 }, 237)
@@ -388,7 +390,8 @@ describe('relative_position_bias', function()
   end)
 
   it('names bad shapes and dtypes', function()
-    local pos, w1, b1, w2, b2 = positions(2, 2, 3, 260), rand({ 4, 2 }, 261), rand({ 4 }, 262), rand({ 3, 4 }, 263), rand({ 3 }, 264)
+    local pos, w1, b1 = positions(2, 2, 3, 260), rand({ 4, 2 }, 261), rand({ 4 }, 262)
+    local w2, b2 = rand({ 3, 4 }, 263), rand({ 3 }, 264)
     S.assert_error(function() rpb(pos:view(2, 6), w1, b1, w2, b2) end, 'relative_position_bias',
       'pos must be [windows, coordinates, tokens]', '[2,6]')
     S.assert_error(function() rpb(pos, rand({ 4, 3 }, 265), b1, w2, b2) end, 'w1 must be [out, 2]', '[4,3]', '[2,2,3]')

@@ -190,13 +190,30 @@ describe('bad input', function()
       'matmul: shapes [] and [2] are not compatible: both operands need at least 1 dim')
   end)
 
-  it('names both dtypes when they are not float32/float64 pairs', function()
+  it('names both dtypes when they are not one floating dtype', function()
     S.assert_error(function() T.matmul(T.zeros(2, 2, { dtype = 'int64' }), T.zeros(2, 2)) end,
-      'matmul: expected float32 or float64 operands of the same dtype, got int64 and float32')
+      'matmul: expected floating operands (float32, float64, float16 or bfloat16) of the same dtype, got int64 and float32')
     S.assert_error(function() T.matmul(T.zeros(2, 2), T.zeros(2, 2, { dtype = 'float64' })) end,
       'got float32 and float64')
-    S.assert_error(function() T.bmm(T.zeros(1, 2, 2, { dtype = 'float16' }), T.zeros(1, 2, 2, { dtype = 'float16' })) end,
-      'bmm: expected float32 or float64 operands of the same dtype, got float16 and float16')
+    S.assert_error(function() T.bmm(T.zeros(1, 2, 2, { dtype = 'float16' }), T.zeros(1, 2, 2, { dtype = 'bfloat16' })) end,
+      'bmm: expected floating operands (float32, float64, float16 or bfloat16) of the same dtype, got float16 and bfloat16')
+  end)
+
+  it('multiplies float16 and bfloat16 in float32 on the cpu, rounding the result once', function()
+    for _, dtype in ipairs { 'float16', 'bfloat16' } do
+      local a, b = rand({ 2, 5, 7 }):to(dtype), rand({ 7, 3 }):to(dtype)
+      local want = T.matmul(a:float(), b:float()):to(dtype)
+      local got = T.matmul(a, b)
+      assert.equals(dtype, got.dtype)
+      assert.is_true(got:eq(want):all():item(), dtype .. ': matmul')
+      local c = rand({ 2, 7, 4 }):to(dtype)
+      assert.is_true(T.bmm(a, c):eq(T.bmm(a:float(), c:float()):to(dtype)):all():item(), dtype .. ': bmm')
+      -- gradients come back in the operands' dtype
+      local x, y = a:clone():requires_grad_(), b:clone():requires_grad_()
+      T.matmul(x, y):sum():backward()
+      assert.equals(dtype, x.grad.dtype)
+      assert.is_true(x.grad:eq(T.ones(2, 5, 3, { dtype = dtype }):matmul(b:t())):all():item(), dtype .. ': grad')
+    end
   end)
 
   it('rejects non-tensors and freed tensors', function()

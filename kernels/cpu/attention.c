@@ -6,9 +6,9 @@
  * gradients straight into packed layouts (see head_layout).
  *
  * The work is cut into tiles of query rows of one (batch·head) block. A forward tile computes its
- * scores S = scale q kᵀ + bias, turns them into probabilities in place (the row max subtracted
- * first, so exp never overflows) and multiplies them by v. Only each row's log-sum-exp is kept;
- * backward recomputes P = exp(S - lse) tile by tile and forms
+ * scores S = scale q kᵀ + bias, exponentiates them in place (the row max subtracted first, so exp
+ * never overflows), multiplies them by v and divides each output row by its row's sum. Only each
+ * row's log-sum-exp is kept; backward recomputes P = exp(S - lse) tile by tile and forms
  *     dV += Pᵀ dO,   dP = dO Vᵀ,   dS = P ∘ (dP − rowsum(dO ∘ O)),
  *     dQ = scale dS K,   dK += scale dSᵀ Q,   dBias += dS.
  * A task holds at most one tile of scores in forward (two in backward: P and dP); no [Nq, Nk]
@@ -74,8 +74,11 @@ typedef struct {
                const void *b, int ldb, double beta, void *c, int ldc);
   /* s[i, j] += bias[i * rs + j * cs] */
   void (*add_bias)(void *s, int64_t rows, int64_t cols, const void *bias, int64_t rs, int64_t cs);
-  /* rows of scores → probabilities in place; lse[i] = log Σ_j exp s[i, j] */
-  void (*softmax_rows)(void *s, int64_t rows, int64_t cols, void *lse);
+  /* rows of scores → exp(s - max) in place, not yet normalized: lse[i] = log Σ_j exp s[i, j] and
+     inv[i] = 1 / Σ_j exp(s[i, j] - max), 0 for a row masked entirely (it holds zeros) */
+  void (*exp_rows)(void *s, int64_t rows, int64_t cols, void *lse, void *inv);
+  /* x[i, :] *= inv[i] for rows ld apart */
+  void (*scale_rows)(void *x, int64_t rows, int64_t cols, int64_t ld, const void *inv);
   /* rows of scores → exp(s - lse) in place */
   void (*probs_from_lse)(void *s, int64_t rows, int64_t cols, const void *lse);
   /* out[i] = Σ_j a[i, j] b[i, j]; rows lda and ldb elements apart */
@@ -140,18 +143,24 @@ typedef struct {
     }                                                                                                  \
     return 0;                                                                                          \
   }                                                                                                    \
-  static void softmax_rows_##SUF(void *sv, int64_t rows, int64_t cols, void *lv) {                     \
-    T *s = sv, *lse = lv;                                                                              \
+  static void exp_rows_##SUF(void *sv, int64_t rows, int64_t cols, void *lv, void *iv) {              \
+    T *s = sv, *lse = lv, *inv = iv;                                                                   \
     for (int64_t i = 0; i < rows; i++, s += cols) {                                                    \
       T m = row_max_##SUF(s, cols);                                                                    \
-      if (special_row_##SUF(s, cols, m, &lse[i])) continue;                                            \
+      if (special_row_##SUF(s, cols, m, &lse[i])) {                                                    \
+        inv[i] = lse[i] == -INFINITY ? (T)0 : (T)NAN;                                                  \
+        continue;                                                                                      \
+      }                                                                                                \
       T sum = exp_shifted_##SUF(s, cols, m);                                                           \
-      T inv = 1 / sum;                                                                                 \
-      int64_t j = 0;                                                                                   \
-      for (; j + LANES <= cols; j += LANES)                                                            \
-        for (int l = 0; l < LANES; l++) s[j + l] *= inv;                                               \
-      for (; j < cols; j++) s[j] *= inv;                                                               \
+      inv[i] = 1 / sum;                                                                                \
       lse[i] = m + LOG(sum);                                                                           \
+    }                                                                                                  \
+  }                                                                                                    \
+  static void scale_rows_##SUF(void *xv, int64_t rows, int64_t cols, int64_t ld, const void *iv) {     \
+    const T *inv = iv;                                                                                 \
+    for (int64_t i = 0; i < rows; i++) {                                                               \
+      T *restrict x = (T *)xv + i * ld, f = inv[i];                                                    \
+      for (int64_t j = 0; j < cols; j++) x[j] *= f;                                                    \
     }                                                                                                  \
   }                                                                                                    \
   static void probs_from_lse_##SUF(void *sv, int64_t rows, int64_t cols, const void *lv) {             \
@@ -214,9 +223,9 @@ static void gemm_f64(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k
   cblas_dgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-static const real_ops OPS_F32 = {gemm_f32, add_bias_f32, softmax_rows_f32, probs_from_lse_f32,
+static const real_ops OPS_F32 = {gemm_f32, add_bias_f32, exp_rows_f32, scale_rows_f32, probs_from_lse_f32,
                                  row_dots_f32, softmax_grad_f32, accumulate_f32, scale_f32};
-static const real_ops OPS_F64 = {gemm_f64, add_bias_f64, softmax_rows_f64, probs_from_lse_f64,
+static const real_ops OPS_F64 = {gemm_f64, add_bias_f64, exp_rows_f64, scale_rows_f64, probs_from_lse_f64,
                                  row_dots_f64, softmax_grad_f64, accumulate_f64, scale_f64};
 
 /* ---- products small enough for OpenBLAS to run on the calling thread -------------------------- */
@@ -314,24 +323,29 @@ static void scores(const plan *p, int64_t h, int64_t r0, int64_t rows, char *s) 
 static void mark_failed(plan *p) { __atomic_store_n(&p->failed, 1, __ATOMIC_RELAXED); }
 
 /* ---- forward ---------------------------------------------------------------------------------- */
-static void forward_tile(const plan *p, int64_t h, int64_t t, char *s) {
+/* The probabilities are left unnormalized: out = (exp(S - max) V) / sum scales the Dv columns of out
+   instead of the Nk columns of the scores. */
+static void forward_tile(const plan *p, int64_t h, int64_t t, char *s, char *inv) {
   const real_ops *o = p->ops;
   size_t e = p->esz;
   int64_t r0 = t * p->tile, rows = min64(p->tile, p->nq - r0);
   scores(p, h, r0, rows, s);
-  o->softmax_rows(s, rows, p->nk, p->lse_w + (h * p->nq + r0) * (int64_t)e);
-  small_gemm(o, e, rows, p->dim_v, p->nk, 1.0, plain(s, p->nk), plain(row_of(p, p->v, h, 0), p->v.ld), 0.0,
-             row_of(p, p->out, h, r0), p->out.ld);
+  o->exp_rows(s, rows, p->nk, p->lse_w + (h * p->nq + r0) * (int64_t)e, inv);
+  char *out = row_of(p, p->out, h, r0);
+  small_gemm(o, e, rows, p->dim_v, p->nk, 1.0, plain(s, p->nk), plain(row_of(p, p->v, h, 0), p->v.ld), 0.0, out,
+             p->out.ld);
+  o->scale_rows(out, rows, p->dim_v, p->out.ld, inv);
 }
 
 static void forward_range(int64_t begin, int64_t end, void *arg) {
   plan *p = arg;
-  char *s = malloc((size_t)max64(1, p->tile * p->nk) * p->esz);
+  char *s = malloc((size_t)max64(1, p->tile * (p->nk + 1)) * p->esz); /* scores, then the rows' 1/sum */
   if (!s) {
     mark_failed(p);
     return;
   }
-  for (int64_t item = begin; item < end; item++) forward_tile(p, item / p->tiles, item % p->tiles, s);
+  for (int64_t item = begin; item < end; item++)
+    forward_tile(p, item / p->tiles, item % p->tiles, s, s + p->tile * p->nk * (int64_t)p->esz);
   free(s);
 }
 

@@ -74,12 +74,22 @@ static int check_blas_operands(const char *op, const ts_tensor *a, const ts_tens
   return check_int_sizes(op, 8, sizes);
 }
 
+/* Rows [begin, end) of out set to the bias row: a pass over the whole output, worth both cores. */
+typedef struct { char *out; const char *bias; size_t row_bytes; } bias_rows_ctx;
+
+static void bias_rows_range(int64_t begin, int64_t end, void *arg) {
+  const bias_rows_ctx *c = arg;
+  for (int64_t r = begin; r < end; r++) memcpy(c->out + r * (int64_t)c->row_bytes, c->bias, c->row_bytes);
+}
+
 int cpu_linear(ts_tensor *out, const ts_tensor *x, const ts_tensor *w, const ts_tensor *b) {
   int64_t m = x->shape[0], k = x->shape[1], n = w->shape[0];
   int64_t esz = ts_dtype_size(out->dtype);
   char *o = ts_elem_ptr(out);
-  if (b) /* rows start as the bias; the product adds to them (beta = 1) */
-    for (int64_t r = 0; r < m; r++) memcpy(o + r * n * esz, ts_elem_ptr(b), (size_t)(n * esz));
+  if (b) { /* rows start as the bias; the product adds to them (beta = 1) */
+    bias_rows_ctx c = {o, ts_elem_ptr(b), (size_t)(n * esz)};
+    ts_parallel_for(m, CPU_PARALLEL_GRAIN / (n > 0 ? n : 1) + 1, bias_rows_range, &c);
+  }
   if (k == 0) return b ? TS_OK : cpu_fill(out, 0);
   if (check_blas_operands("linear", x, w, n)) return ts_last_status();
   blas_matrix xm = blas_view(x), wm = blas_view(w);

@@ -94,6 +94,29 @@ int cpu_layer_norm(ts_tensor *out, ts_tensor *mean, ts_tensor *rstd, const ts_te
   return TS_OK;
 }
 
+/* Σ dy and Σ dy xhat over a row, in LANES independent chains (has_w a constant at each call, so
+   that the loop has no branch and vectorizes). */
+ALWAYS_INLINE void layer_norm_grad_sums(const layer_norm_ctx *c, int64_t base, double mu, double rstd, int f64,
+                                        int has_w, double *sum_dy, double *sum_dy_xhat) {
+  double s_dy[LANES] = {0}, s_dyx[LANES] = {0};
+  int64_t j = 0, n = c->n;
+  for (; j + LANES <= n; j += LANES)
+    for (int l = 0; l < LANES; l++) {
+      double xhat = (load(c->x, base + j + l, f64) - mu) * rstd;
+      double dy = load(c->g, base + j + l, f64) * (has_w ? load(c->w, j + l, f64) : 1.0);
+      s_dy[l] += dy;
+      s_dyx[l] += dy * xhat;
+    }
+  for (; j < n; j++) {
+    double xhat = (load(c->x, base + j, f64) - mu) * rstd;
+    double dy = load(c->g, base + j, f64) * (has_w ? load(c->w, j, f64) : 1.0);
+    s_dy[0] += dy;
+    s_dyx[0] += dy * xhat;
+  }
+  *sum_dy = (s_dy[0] + s_dy[1]) + (s_dy[2] + s_dy[3]);
+  *sum_dy_xhat = (s_dyx[0] + s_dyx[1]) + (s_dyx[2] + s_dyx[3]);
+}
+
 /* With xhat = (x - mean) rstd and dy = g w:
      gx = rstd (dy - mean(dy) - xhat mean(dy xhat)),  gw += g xhat,  gb += g. */
 ALWAYS_INLINE void layer_norm_backward_chunk(const layer_norm_ctx *c, int64_t chunk, int f64) {
@@ -101,15 +124,17 @@ ALWAYS_INLINE void layer_norm_backward_chunk(const layer_norm_ctx *c, int64_t ch
   double *pgw = c->partial ? c->partial + chunk * 2 * n : NULL, *pgb = pgw ? pgw + n : NULL;
   for (int64_t r = r0; r < r1; r++) {
     int64_t base = r * n;
-    double mu = load(c->mean_in, r, f64), rstd = load(c->rstd_in, r, f64), sum_dy = 0, sum_dy_xhat = 0;
-    for (int64_t j = 0; j < n; j++) {
-      double gv = load(c->g, base + j, f64), xhat = (load(c->x, base + j, f64) - mu) * rstd;
-      double dy = gv * param(c->w, j, 1, f64);
-      sum_dy += dy;
-      sum_dy_xhat += dy * xhat;
-      if (c->want_gw) pgw[j] += gv * xhat;
-      if (c->want_gb) pgb[j] += gv;
-    }
+    double mu = load(c->mean_in, r, f64), rstd = load(c->rstd_in, r, f64);
+    double sum_dy, sum_dy_xhat;
+    if (c->w)
+      layer_norm_grad_sums(c, base, mu, rstd, f64, 1, &sum_dy, &sum_dy_xhat);
+    else
+      layer_norm_grad_sums(c, base, mu, rstd, f64, 0, &sum_dy, &sum_dy_xhat);
+    int64_t j;
+    if (c->want_gw)
+      for (j = 0; j < n; j++) pgw[j] += load(c->g, base + j, f64) * ((load(c->x, base + j, f64) - mu) * rstd);
+    if (c->want_gb)
+      for (j = 0; j < n; j++) pgb[j] += load(c->g, base + j, f64);
     if (!c->gx) continue;
     double mean_dy = sum_dy / (double)n, mean_dy_xhat = sum_dy_xhat / (double)n;
     for (int64_t j = 0; j < n; j++) {

@@ -59,7 +59,9 @@ typedef struct {
   int failed;
 } pb_plan;
 
-static int64_t sums_count(const pb_plan *p) { return p->hidden * p->channels + p->hidden + p->heads * p->hidden + p->heads; }
+static int64_t sums_count(const pb_plan *p) {
+  return p->hidden * p->channels + p->hidden + p->heads * p->hidden + p->heads;
+}
 
 /* Scratch values of one task: f [C][Np], a [P][Np], dh [P][Np], G [H][Np], df [Np] and the lane
    sums [sums_count][LANES]. */

@@ -15,8 +15,8 @@
 //   The bias gradient sums dS over the heads that share a bias block: the heads of a group are
 //   split into parts, each part accumulates its heads in order into its own buffer, and the parts
 //   are added in order: no atomics, the same bits on every run.
-// float16/bfloat16 load into float32 and round once on store; their backward recomputes each row's
-// log-sum-exp in float32 instead of reading the forward's (stored rounded to 16 bits).
+// float16/bfloat16 load into float32 and round once on store; every row's log-sum-exp is kept in
+// the accumulation type (float32, float64 for float64), as the runtime allocates it.
 // Head dims up to 128 (q/k and v alike) are supported. The same kernels serve contiguous blocks
 // (attention) and strided head views of packed projections (attention_views).
 #include "nn.cuh"
@@ -55,8 +55,7 @@ template <int DT> struct attn_params {
   int64_t inner; // heads per batch entry of 4-d views (1 for [BH, rows, cols] blocks)
   head_rows<const T> q, k, v, out, dout;
   head_rows<T> out_w; // forward output
-  T *lse_w;           // forward lse, contiguous [BH, Nq]
-  A *lse_stats;      // the statistics-only forward pass writes lse here
+  A *lse_w;              // forward lse, contiguous [BH, Nq]
   const A *lse, *delta; // backward: lse and rowsum(dO O) per query row
   head_rows<T> dq, dk, dv_out;
   // bias [E..., Nq, Nk]: E enumerates the heads row-major; element strides, 0 where broadcast
@@ -171,8 +170,7 @@ template <typename A> __device__ __forceinline__ A prob_of(A s, A lse) {
 }
 
 // ---- forward ------------------------------------------------------------------------------------
-// STATS: only each row's lse, in the accumulation type (the backward of 16-bit dtypes).
-template <int DT, int DMAX, bool STATS>
+template <int DT, int DMAX>
 static __global__ void __launch_bounds__(rows_per_block<cuda_acc_t<DT>, DMAX>()) attention_forward_kernel(attn_params<DT> p) {
   using A = cuda_acc_t<DT>;
   constexpr int ROWS = rows_per_block<A, DMAX>();
@@ -191,7 +189,7 @@ static __global__ void __launch_bounds__(rows_per_block<cuda_acc_t<DT>, DMAX>())
     __syncthreads(); // the previous tile is consumed
     int64_t kn = p.nk - c0 < KT ? p.nk - c0 : KT;
     stage_rows<DT>(k_s, p.d_pad, KT, row_of(p.k, p.inner, h, c0), p.k.sr, kn, p.d);
-    if (!STATS) stage_rows<DT>(v_s, p.dv_pad, KT, row_of(p.v, p.inner, h, c0), p.v.sr, kn, p.dv);
+    stage_rows<DT>(v_s, p.dv_pad, KT, row_of(p.v, p.inner, h, c0), p.v.sr, kn, p.dv);
     if (p.bias) stage_bias<DT>(p, bias_s, ROWS, KT, h, r0, c0);
     __syncthreads();
     if (i >= p.nq) continue;
@@ -211,26 +209,20 @@ static __global__ void __launch_bounds__(rows_per_block<cuda_acc_t<DT>, DMAX>())
     if (m_new == -(A)INFINITY) continue; // every key so far masked: nothing to add
     A corr = cuda_exp(m - m_new);         // exp(-inf) = 0 on the first contributing tile
     l *= corr;
-    if (!STATS) {
 #pragma unroll
-      for (int c = 0; c < DMAX; c++) o[c] *= corr;
-    }
+    for (int c = 0; c < DMAX; c++) o[c] *= corr;
 #pragma unroll
     for (int j = 0; j < KT; j++)
       if (j < kn) {
         A pj = cuda_exp(sc[j] - m_new);
         l += pj;
-        if (!STATS) axpy_row(o, pj, v_s + j * p.dv_pad, p.dv_pad);
+        axpy_row(o, pj, v_s + j * p.dv_pad, p.dv_pad);
       }
     m = m_new;
   }
   if (i >= p.nq) return;
   A lse = bad ? (A)NAN : m == -(A)INFINITY ? m : m + cuda_log(l);
-  if (STATS) {
-    p.lse_stats[h * p.nq + i] = lse;
-    return;
-  }
-  cuda_store<DT>(p.lse_w, h * p.nq + i, lse);
+  p.lse_w[h * p.nq + i] = lse;
   // masked entirely: zeros; NaN: NaN everywhere (0 * NaN)
   A factor = bad ? (A)NAN : m == -(A)INFINITY ? (A)0 : (A)1 / l;
   if (m == -(A)INFINITY && !bad) {
@@ -459,13 +451,13 @@ static int launch(const char *op, Kernel kernel, int64_t blocks, int threads, si
   return cuda_launched(op);
 }
 
-template <int DT, int DMAX, bool STATS>
+template <int DT, int DMAX>
 static int run_forward(const char *op, const attn_params<DT> &p, cudaStream_t stream, int device) {
   using A = cuda_acc_t<DT>;
   constexpr int ROWS = rows_per_block<A, DMAX>();
   size_t elems = (size_t)ROWS * p.d_own + (size_t)KT * p.d_pad + (size_t)KT * p.dv_pad + (p.bias ? ROWS * (KT + 1) : 0);
   int64_t blocks = p.heads * ((p.nq + ROWS - 1) / ROWS);
-  return launch(op, attention_forward_kernel<DT, DMAX, STATS>, blocks, ROWS, elems * sizeof(A), stream, device, p);
+  return launch(op, attention_forward_kernel<DT, DMAX>, blocks, ROWS, elems * sizeof(A), stream, device, p);
 }
 
 template <int DT, typename F> static int with_head_dims(const attn_params<DT> &p, F f) {
@@ -476,19 +468,24 @@ template <int DT, typename F> static int with_head_dims(const attn_params<DT> &p
   }
 }
 
-static int check_dtypes(const char *op, const ts_tensor *const *ts, int count) {
+// Every tensor shares q's floating dtype; lse is in its accumulation type (float32, float64 for float64).
+static int check_dtypes(const char *op, const ts_tensor *const *ts, int count, const ts_tensor *lse) {
   int dt = ts[0]->dtype;
   for (int i = 0; i < count; i++)
     if (ts[i] && (ts[i]->dtype != dt || !cuda_is_floating(dt)))
       return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel takes floating tensors of one dtype, got %s and %s", op,
                           ts_dtype_name(dt), ts_dtype_name(ts[i]->dtype));
+  int want = dt == TS_F64 ? TS_F64 : TS_F32;
+  if (lse->dtype != want)
+    return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel keeps the log-sum-exp of %s blocks in %s, got %s", op,
+                        ts_dtype_name(dt), ts_dtype_name(want), ts_dtype_name(lse->dtype));
   return TS_OK;
 }
 
 extern "C" int cuda_attention(ts_tensor *out, ts_tensor *lse, const ts_tensor *q, const ts_tensor *k, const ts_tensor *v,
                               const ts_tensor *bias, double scale) {
-  const ts_tensor *all[6] = {q, k, v, bias, out, lse};
-  if (check_dtypes(OP, all, 6)) return ts_last_status();
+  const ts_tensor *all[5] = {q, k, v, bias, out};
+  if (check_dtypes(OP, all, 5, lse)) return ts_last_status();
   int device = q->device.index;
   cudaStream_t stream;
   if (cuda_stream_for(OP, device, &stream)) return ts_last_status();
@@ -497,8 +494,8 @@ extern "C" int cuda_attention(ts_tensor *out, ts_tensor *lse, const ts_tensor *q
     attn_params<DT> p;
     if (setup<DT>(OP, &p, q, k, v, bias, scale)) return ts_last_status();
     p.out_w = rows_of<cuda_storage_t<DT>>(out);
-    p.lse_w = cuda_data<DT>(lse);
-    return with_head_dims(p, [&](auto dmax) -> int { return run_forward<DT, decltype(dmax)::value, false>(OP, p, stream, device); });
+    p.lse_w = (cuda_acc_t<DT> *)ts_elem_ptr(lse);
+    return with_head_dims(p, [&](auto dmax) -> int { return run_forward<DT, decltype(dmax)::value>(OP, p, stream, device); });
   });
 }
 
@@ -569,8 +566,8 @@ extern "C" int cuda_attention_backward(ts_tensor *dq, ts_tensor *dk, ts_tensor *
                                        const ts_tensor *dout, const ts_tensor *q, const ts_tensor *k,
                                        const ts_tensor *v, const ts_tensor *bias, const ts_tensor *out,
                                        const ts_tensor *lse, double scale) {
-  const ts_tensor *all[11] = {q, k, v, bias, out, lse, dout, dq, dk, dv, dbias};
-  if (check_dtypes(OP_BACKWARD, all, 11)) return ts_last_status();
+  const ts_tensor *all[10] = {q, k, v, bias, out, dout, dq, dk, dv, dbias};
+  if (check_dtypes(OP_BACKWARD, all, 10, lse)) return ts_last_status();
   int device = q->device.index;
   cudaStream_t stream;
   if (cuda_stream_for(OP_BACKWARD, device, &stream)) return ts_last_status();
@@ -586,25 +583,16 @@ extern "C" int cuda_attention_backward(ts_tensor *dq, ts_tensor *dk, ts_tensor *
     p.dk = rows_of<cuda_storage_t<DT>>(dk);
     p.dv_out = rows_of<cuda_storage_t<DT>>(dv);
     int64_t rows = p.heads * p.nq;
-    cuda_scratch delta, stats;
+    cuda_scratch delta;
     if (delta.allocate(device, (size_t)(rows > 0 ? rows : 1) * sizeof(A))) return ts_last_status();
     p.delta = delta.as<A>();
     if (rows > 0) {
       attention_delta_kernel<DT><<<cuda_grid_for(rows, CUDA_THREADS / 32), CUDA_THREADS, 0, stream>>>(p, delta.as<A>());
       if (cuda_launched(OP_BACKWARD)) return ts_last_status();
     }
-    constexpr bool rounded_lse = DT == TS_F16 || DT == TS_BF16;
+    p.lse = (const A *)ts_elem_ptr(lse); // the accumulation type (checked above)
     return with_head_dims(p, [&](auto dmax) -> int {
-      constexpr int DMAX = decltype(dmax)::value;
-      if (rounded_lse) { // the forward's lse was rounded to 16 bits: recompute it in float32
-        if (stats.allocate(device, (size_t)(rows > 0 ? rows : 1) * sizeof(A))) return ts_last_status();
-        p.lse_stats = stats.as<A>();
-        if (run_forward<DT, DMAX, true>(OP_BACKWARD, p, stream, device)) return ts_last_status();
-        p.lse = stats.as<A>();
-      } else {
-        p.lse = (const A *)ts_elem_ptr(lse); // the accumulation type already
-      }
-      return run_backward<DT, DMAX>(p, dq, dk, dv, dbias, stream, device);
+      return run_backward<DT, decltype(dmax)::value>(p, dq, dk, dv, dbias, stream, device);
     });
   });
 }

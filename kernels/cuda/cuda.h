@@ -148,6 +148,14 @@ int cuda_attention_backward(ts_tensor *dq, ts_tensor *dk, ts_tensor *dv, ts_tens
                             const ts_tensor *q, const ts_tensor *k, const ts_tensor *v, const ts_tensor *bias,
                             const ts_tensor *out, const ts_tensor *lse, double scale);
 
+/* position_bias.cu — Swin's continuous relative position bias (the fused posmlp), forward and
+   backward; weight gradients summed without atomics (fixed blocks combined in order). */
+int cuda_position_bias(ts_tensor *out, const ts_tensor *pos, const ts_tensor *w1, const ts_tensor *b1,
+                       const ts_tensor *w2, const ts_tensor *b2);
+int cuda_position_bias_backward(ts_tensor *gpos, ts_tensor *gw1, ts_tensor *gb1, ts_tensor *gw2, ts_tensor *gb2,
+                                const ts_tensor *g, const ts_tensor *pos, const ts_tensor *w1, const ts_tensor *b1,
+                                const ts_tensor *w2);
+
 /* optim.cu — multi-tensor AdamW / SGD (bit-identical to the CPU), total norm, scaling. */
 int cuda_adamw(int n, ts_tensor *const *params, ts_tensor *const *grads, ts_tensor *const *exp_avg,
                ts_tensor *const *exp_avg_sq, const double *lr, const double *weight_decay, double beta1, double beta2,

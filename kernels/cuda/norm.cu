@@ -7,7 +7,8 @@
 // take one block each and re-read their row from cache. Sums across rows (weight and bias
 // gradients, batch statistics) go through fixed chunks combined in order: no floating atomics,
 // the same bits on every run. Everything accumulates in float (float32/float16/bfloat16) or
-// double, and the statistics are stored in the tensors' dtype (the runtime's compute dtype).
+// double. Batch norm's statistics are stored in the tensors' dtype (the runtime's compute dtype);
+// layer and group norm keep theirs in the accumulation type (float32 for float16/bfloat16).
 #include "nn.cuh"
 
 #include <math.h>
@@ -28,13 +29,32 @@ static int check_dtypes(const char *op, const ts_tensor *const *ts, int count) {
   return TS_OK;
 }
 
+// Layer and group norm: the tensors share x's dtype, the statistics are in its accumulation type
+// (float32, or float64 for float64), as the runtime allocates them.
+static int check_norm_dtypes(const char *op, const ts_tensor *const *ts, int count, const ts_tensor *mean,
+                             const ts_tensor *rstd) {
+  if (check_dtypes(op, ts, count)) return ts_last_status();
+  int want = ts[0]->dtype == TS_F64 ? TS_F64 : TS_F32;
+  if (mean->dtype != want || rstd->dtype != want)
+    return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel keeps the statistics of %s input in %s, got %s and %s", op,
+                        ts_dtype_name(ts[0]->dtype), ts_dtype_name(want), ts_dtype_name(mean->dtype),
+                        ts_dtype_name(rstd->dtype));
+  return TS_OK;
+}
+
+// The statistics of a layer or group norm (checked by check_norm_dtypes).
+template <int DT> static cuda_acc_t<DT> *cuda_stats(const ts_tensor *t) { return (cuda_acc_t<DT> *)ts_elem_ptr(t); }
+
 // ---- layer norm -------------------------------------------------------------------------------------
 template <int DT> struct row_args {
   using T = cuda_storage_t<DT>;
+  using A = cuda_acc_t<DT>;
   int64_t m, n;
-  const T *x, *w, *b, *g, *mean_in, *rstd_in;
-  T *out, *mean, *rstd, *gx;
-  cuda_acc_t<DT> eps;
+  const T *x, *w, *b, *g;
+  const A *mean_in, *rstd_in;
+  T *out, *gx;
+  A *mean, *rstd;
+  A eps;
 };
 
 // One warp per row; lane l holds elements l, l + 32, ... (VPT of them) in registers.
@@ -61,8 +81,8 @@ static __global__ void __launch_bounds__(WARP_ROWS * 32) layer_norm_warp_kernel(
       }
     A r = (A)1 / sqrt(cuda_warp_sum(q) / (A)p.n + p.eps);
     if (lane == 0) {
-      cuda_store<DT>(p.mean, row, mu);
-      cuda_store<DT>(p.rstd, row, r);
+      p.mean[row] = mu;
+      p.rstd[row] = r;
     }
     cuda_storage_t<DT> *o = p.out + row * p.n;
 #pragma unroll
@@ -88,8 +108,8 @@ static __global__ void __launch_bounds__(ROW_BLOCK) layer_norm_block_kernel(row_
     }
     A r = (A)1 / sqrt(cuda_block_sum(q, scratch) / (A)p.n + p.eps);
     if (threadIdx.x == 0) {
-      cuda_store<DT>(p.mean, row, mu);
-      cuda_store<DT>(p.rstd, row, r);
+      p.mean[row] = mu;
+      p.rstd[row] = r;
     }
     cuda_storage_t<DT> *o = p.out + row * p.n;
     for (int64_t j = threadIdx.x; j < p.n; j += blockDim.x)
@@ -105,7 +125,7 @@ static __global__ void __launch_bounds__(WARP_ROWS * 32) layer_norm_backward_war
   int64_t step = (int64_t)gridDim.x * WARP_ROWS;
   for (int64_t row = (int64_t)blockIdx.x * WARP_ROWS + (threadIdx.x >> 5); row < p.m; row += step) {
     int64_t base = row * p.n;
-    A mu = cuda_load<DT>(p.mean_in, row), r = cuda_load<DT>(p.rstd_in, row);
+    A mu = p.mean_in[row], r = p.rstd_in[row];
     A xh[VPT], dy[VPT], s1 = 0, s2 = 0;
 #pragma unroll
     for (int i = 0; i < VPT; i++) {
@@ -133,7 +153,7 @@ static __global__ void __launch_bounds__(ROW_BLOCK) layer_norm_backward_block_ke
   __shared__ A scratch[32];
   for (int64_t row = blockIdx.x; row < p.m; row += gridDim.x) {
     int64_t base = row * p.n;
-    A mu = cuda_load<DT>(p.mean_in, row), r = cuda_load<DT>(p.rstd_in, row), s1 = 0, s2 = 0;
+    A mu = p.mean_in[row], r = p.rstd_in[row], s1 = 0, s2 = 0;
     for (int64_t j = threadIdx.x; j < p.n; j += blockDim.x) {
       A xh = (cuda_load<DT>(p.x, base + j) - mu) * r, dy = cuda_load<DT>(p.g, base + j) * cuda_param<DT>(p.w, j, 1);
       s1 += dy;
@@ -177,7 +197,7 @@ template <int DT> struct layer_norm_param_terms {
   row_args<DT> p;
   __device__ void operator()(int64_t r, int64_t j, cuda_acc_t<DT> (&t)[2]) const {
     cuda_acc_t<DT> gv = cuda_load<DT>(p.g, r * p.n + j);
-    t[0] = gv * ((cuda_load<DT>(p.x, r * p.n + j) - cuda_load<DT>(p.mean_in, r)) * cuda_load<DT>(p.rstd_in, r));
+    t[0] = gv * ((cuda_load<DT>(p.x, r * p.n + j) - p.mean_in[r]) * p.rstd_in[r]);
     t[1] = gv;
   }
 };
@@ -203,8 +223,8 @@ template <int DT> static row_args<DT> layer_norm_args(const ts_tensor *x, const 
 extern "C" int cuda_layer_norm(ts_tensor *out, ts_tensor *mean, ts_tensor *rstd, const ts_tensor *x, const ts_tensor *w,
                                const ts_tensor *b, double eps) {
   const char *op = "layer_norm";
-  const ts_tensor *all[6] = {x, out, mean, rstd, w, b};
-  if (check_dtypes(op, all, 6)) return ts_last_status();
+  const ts_tensor *all[4] = {x, out, w, b};
+  if (check_norm_dtypes(op, all, 4, mean, rstd)) return ts_last_status();
   cudaStream_t stream;
   if (x->shape[0] == 0) return TS_OK;
   if (cuda_stream_for(op, x->device.index, &stream)) return ts_last_status();
@@ -214,8 +234,8 @@ extern "C" int cuda_layer_norm(ts_tensor *out, ts_tensor *mean, ts_tensor *rstd,
     row_args<DT> p = layer_norm_args<DT>(x, w);
     p.b = (const T *)data_or_null(b);
     p.out = cuda_data<DT>(out);
-    p.mean = cuda_data<DT>(mean);
-    p.rstd = cuda_data<DT>(rstd);
+    p.mean = cuda_stats<DT>(mean);
+    p.rstd = cuda_stats<DT>(rstd);
     p.eps = (cuda_acc_t<DT>)eps;
     launch_rows<DT, forward_warp>(p, stream, [](unsigned grid, unsigned threads, cudaStream_t s, const row_args<DT> &a) {
       layer_norm_block_kernel<DT><<<grid, threads, 0, s>>>(a);
@@ -228,8 +248,8 @@ extern "C" int cuda_layer_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor 
                                         const ts_tensor *x, const ts_tensor *w, const ts_tensor *mean,
                                         const ts_tensor *rstd) {
   const char *op = "layer_norm backward";
-  const ts_tensor *all[8] = {x, g, mean, rstd, w, gx, gw, gb};
-  if (check_dtypes(op, all, 8)) return ts_last_status();
+  const ts_tensor *all[6] = {x, g, w, gx, gw, gb};
+  if (check_norm_dtypes(op, all, 6, mean, rstd)) return ts_last_status();
   cudaStream_t stream;
   if (cuda_stream_for(op, x->device.index, &stream)) return ts_last_status();
   return cuda_dispatch_floating(op, x->dtype, [&](auto tag) -> int {
@@ -237,8 +257,8 @@ extern "C" int cuda_layer_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor 
     using T = cuda_storage_t<DT>;
     row_args<DT> p = layer_norm_args<DT>(x, w);
     p.g = cuda_data<DT>(g);
-    p.mean_in = cuda_data<DT>(mean);
-    p.rstd_in = cuda_data<DT>(rstd);
+    p.mean_in = cuda_stats<DT>(mean);
+    p.rstd_in = cuda_stats<DT>(rstd);
     if (gx && p.m > 0 && p.n > 0) {
       p.gx = cuda_data<DT>(gx);
       launch_rows<DT, backward_warp>(p, stream, [](unsigned grid, unsigned threads, cudaStream_t s, const row_args<DT> &a) {
@@ -489,10 +509,13 @@ extern "C" int cuda_batch_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor 
 // x [N, C, S] with G groups: row (n, grp) is the contiguous (C/G) S values of C/G channels.
 template <int DT> struct group_args {
   using T = cuda_storage_t<DT>;
+  using A = cuda_acc_t<DT>;
   int64_t n, c, s, groups, per_group, len; // len = per_group * s, the values of a row
-  const T *x, *w, *b, *g, *mean_in, *rstd_in;
-  T *out, *mean, *rstd, *gx;
-  cuda_acc_t<DT> eps;
+  const T *x, *w, *b, *g;
+  const A *mean_in, *rstd_in;
+  T *out, *gx;
+  A *mean, *rstd;
+  A eps;
 };
 
 template <int DT>
@@ -511,8 +534,8 @@ static __global__ void __launch_bounds__(ROW_BLOCK) group_norm_kernel(group_args
     }
     A r = (A)1 / sqrt(cuda_block_sum(q, scratch) / (A)p.len + p.eps);
     if (threadIdx.x == 0) {
-      cuda_store<DT>(p.mean, row, mu);
-      cuda_store<DT>(p.rstd, row, r);
+      p.mean[row] = mu;
+      p.rstd[row] = r;
     }
     for (int64_t j = threadIdx.x; j < p.len; j += blockDim.x) {
       int64_t c = c0 + j / p.s;
@@ -539,8 +562,8 @@ template <int DT> static group_args<DT> group_layout(const ts_tensor *x, const t
 extern "C" int cuda_group_norm(ts_tensor *out, ts_tensor *mean, ts_tensor *rstd, const ts_tensor *x, const ts_tensor *w,
                                const ts_tensor *b, double eps) {
   const char *op = "group_norm";
-  const ts_tensor *all[6] = {x, out, mean, rstd, w, b};
-  if (check_dtypes(op, all, 6)) return ts_last_status();
+  const ts_tensor *all[4] = {x, out, w, b};
+  if (check_norm_dtypes(op, all, 4, mean, rstd)) return ts_last_status();
   cudaStream_t stream;
   if (ts_numel(mean) == 0) return TS_OK;
   if (cuda_stream_for(op, x->device.index, &stream)) return ts_last_status();
@@ -550,8 +573,8 @@ extern "C" int cuda_group_norm(ts_tensor *out, ts_tensor *mean, ts_tensor *rstd,
     group_args<DT> p = group_layout<DT>(x, mean, w);
     p.b = (const T *)data_or_null(b);
     p.out = cuda_data<DT>(out);
-    p.mean = cuda_data<DT>(mean);
-    p.rstd = cuda_data<DT>(rstd);
+    p.mean = cuda_stats<DT>(mean);
+    p.rstd = cuda_stats<DT>(rstd);
     p.eps = (cuda_acc_t<DT>)eps;
     group_norm_kernel<DT><<<cuda_grid_for(p.n * p.groups, 1), ROW_BLOCK, 0, stream>>>(p);
     return cuda_launched(op);
@@ -566,7 +589,7 @@ static __global__ void __launch_bounds__(CUDA_THREADS) group_plane_sums_kernel(g
   int64_t planes = p.n * p.c;
   for (int64_t plane = blockIdx.x; plane < planes; plane += gridDim.x) {
     int64_t row = plane / p.c * p.groups + plane % p.c / p.per_group, base = plane * p.s;
-    A mu = cuda_load<DT>(p.mean_in, row), r = cuda_load<DT>(p.rstd_in, row), sg = 0, sgx = 0;
+    A mu = p.mean_in[row], r = p.rstd_in[row], sg = 0, sgx = 0;
     for (int64_t i = threadIdx.x; i < p.s; i += blockDim.x) {
       A gv = cuda_load<DT>(p.g, base + i);
       sg += gv;
@@ -605,7 +628,7 @@ static __global__ void group_grad_input_kernel(I total, group_args<DT> p, const 
   using A = cuda_acc_t<DT>;
   for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (I)gridDim.x * blockDim.x) {
     I plane = i / (I)p.s, c = plane % (I)p.c, row = plane / (I)p.c * (I)p.groups + c / (I)p.per_group;
-    A mu = cuda_load<DT>(p.mean_in, row), r = cuda_load<DT>(p.rstd_in, row);
+    A mu = p.mean_in[row], r = p.rstd_in[row];
     A xhat = (cuda_load<DT>(p.x, i) - mu) * r;
     A dy = cuda_load<DT>(p.g, i) * cuda_param<DT>(p.w, c, 1);
     cuda_store<DT>(p.gx, i, r * (dy - coef[2 * row] - xhat * coef[2 * row + 1]));
@@ -632,8 +655,8 @@ extern "C" int cuda_group_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor 
                                         const ts_tensor *x, const ts_tensor *w, const ts_tensor *mean,
                                         const ts_tensor *rstd) {
   const char *op = "group_norm backward";
-  const ts_tensor *all[8] = {x, g, w, mean, rstd, gx, gw, gb};
-  if (check_dtypes(op, all, 8)) return ts_last_status();
+  const ts_tensor *all[6] = {x, g, w, gx, gw, gb};
+  if (check_norm_dtypes(op, all, 6, mean, rstd)) return ts_last_status();
   cudaStream_t stream;
   if (x->shape[1] == 0) return TS_OK;
   if (cuda_stream_for(op, x->device.index, &stream)) return ts_last_status();
@@ -643,8 +666,8 @@ extern "C" int cuda_group_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor 
     using T = cuda_storage_t<DT>;
     group_args<DT> p = group_layout<DT>(x, mean, w);
     p.g = cuda_data<DT>(g);
-    p.mean_in = cuda_data<DT>(mean);
-    p.rstd_in = cuda_data<DT>(rstd);
+    p.mean_in = cuda_stats<DT>(mean);
+    p.rstd_in = cuda_stats<DT>(rstd);
     int64_t planes = p.n * p.c, rows = p.n * p.groups, total = ts_numel(x);
     cuda_scratch sums, coef;
     if (sums.allocate(x->device.index, (size_t)(2 * planes) * sizeof(A)) ||

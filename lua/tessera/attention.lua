@@ -10,6 +10,10 @@
 -- PyTorch's attn_mask, turned into a 0 / -inf bias. A row with every key masked gives zeros.
 -- scale defaults to 1 / sqrt(D).
 -- is_causal keeps key j for query i when j <= i (top-left aligned, as PyTorch).
+--
+-- Also here, fused ops the UM-MAE models call (see each below):
+--   T.F.packed_attention(qkv, num_heads, {bias =, scale =, kv =})   heads straight from packed projections
+--   T.F.relative_position_bias(pos, w1, b1, w2, b2)                  Swin's continuous position bias MLP
 local core = require 'tessera.core'
 local C, T = core.C, core.T
 local wrap, handle = core.wrap, core.handle
@@ -124,7 +128,8 @@ end
 
 -- T.F.relative_position_bias(pos, w1, b1, w2, b2) → [W, H, N, N]: Swin's continuous relative
 -- position bias (UM-MAE's posmlp) in one op,
---   Conv1x1(w1, b1) → ReLU → Conv1x1(w2, b2) applied to sign(d) log(1 + |d|), d[w, c, i, j] = pos[w, c, j] - pos[w, c, i],
+--   Conv1x1(w1, b1) → ReLU → Conv1x1(w2, b2) applied to sign(d) log(1 + |d|),
+--   d[w, c, i, j] = pos[w, c, j] - pos[w, c, i],
 -- for pos [W, C, N] (C coordinates of N tokens per window), w1 [P, C] or [P, C, 1, 1], w2 [H, P] or
 -- [H, P, 1, 1]; b1, b2 may be nil. The [W, P, N, N] hidden layer is never stored (see tessera.h).
 local PB_NAME = 'relative_position_bias'

@@ -10,6 +10,7 @@ require 'tessera.linalg'
 require 'tessera.indexing'
 require 'tessera.reduce'
 -- @modules (requires below this line)
+require 'tessera.autocast'
 require 'tessera.cuda'
 require 'tessera.data'
 require 'tessera.image'

@@ -1,7 +1,9 @@
 -- tessera.pretrain — the masked-image-modeling training loop the pre-training recipes share
 -- (MAE's main_pretrain.py / engine_pretrain.py): data, per-batch masks, AdamW with a per-iteration
 -- warm-up + cosine schedule, gradient accumulation, checkpoints and exact resume, a held-out
--- reconstruction loss at step 0 and at the end, and the final pictures.
+-- reconstruction loss at step 0 and at the end, and the final pictures. cfg.precision = 'bf16' runs
+-- the forward and the loss (training and held-out) under T.autocast('bfloat16'); the backward runs
+-- outside it (the tape remembers the casts) and the optimizer updates float32 master weights.
 --
 -- A recipe supplies a `method` table:
 --   method.build(cfg)               → the model
@@ -35,6 +37,15 @@ function P.dataset(spec, split)
   return T.data.ImageFolder(spec)
 end
 
+-- fn(...) in the run's precision: under bfloat16 autocast for 'bf16' (a no-op on the CPU).
+function P.in_precision(cfg, fn, ...)
+  if cfg.precision == 'bf16' then return T.autocast('bfloat16', fn, ...) end
+  if cfg.precision ~= nil and cfg.precision ~= 'fp32' then
+    error("pretrain: precision must be 'fp32' or 'bf16', got '" .. tostring(cfg.precision) .. "'", 0)
+  end
+  return fn(...)
+end
+
 -- Base learning rate scaled by the effective batch, as MAE: lr = blr * eff_batch / 256.
 function P.learning_rate(cfg)
   if cfg.lr and cfg.lr > 0 then return cfg.lr end
@@ -54,7 +65,9 @@ local function held_out(cfg, method)
   return function(model)
     local was_training = model.training
     model:eval()
-    local loss, pred = T.no_grad(function() return method.step(model, imgs, mask, T.Generator(cfg.seed + 3)) end)
+    local loss, pred = T.no_grad(function()
+      return P.in_precision(cfg, method.step, model, imgs, mask, T.Generator(cfg.seed + 3))
+    end)
     model:train(was_training)
     return loss:item(), imgs, mask, pred
   end
@@ -101,7 +114,7 @@ function P.train(cfg, run, method)
       if epoch > start_epoch or it >= start_iter then
         if it % cfg.accum_iter == 0 then T.optim.adjust_learning_rate(optimizer, epoch + it / iters, schedule) end
         local mask = method.masks(cfg, imgs:size(0)) -- made on the host, as masks always are
-        local loss = method.step(model, imgs:to(cfg.device), mask)
+        local loss = P.in_precision(cfg, method.step, model, imgs:to(cfg.device), mask)
         local value = loss:item()
         run:check_loss(value, step)
         accum:backward(loss / cfg.accum_iter)

@@ -543,6 +543,23 @@ void ts_set_oom_callback(void (*fn)(void));
 int ts_cuda_set_allow_tf32(int allow);
 int ts_cuda_get_allow_tf32(void);
 
+/* ---- mixed precision: autocast (thread-local, off by default) ------------------------------------ */
+/* While autocast is on (dtype TS_BF16 or TS_F16) and an op's tensors live on a CUDA device:
+     - matmul, bmm, linear, conv2d, attention and packed attention cast their float32 (and other
+       16-bit) inputs, weights and biases to that dtype with ts_to_dtype, which autograd records,
+       so gradients reach float32 leaves in float32; the CUDA kernels accumulate in float32 and
+       return results in the 16-bit dtype;
+     - layer_norm, group_norm, batch_norm, softmax, log_softmax, cross_entropy and the pointwise
+       losses (mse, l1, smooth_l1) cast 16-bit inputs up to float32 and return float32;
+     - everything else runs in its inputs' dtypes (the optimizer steps float32 master weights).
+   float64 tensors are never cast. On the CPU autocast changes nothing (its kernels compute in
+   float32 or float64), so code written for it runs anywhere. Backward runs with autocast off (as
+   PyTorch), so gradients come out the same wherever backward is called. ts_set_autocast(-1) or
+   ts_set_autocast(TS_F32) turns it off. Returns the previous setting (-1 when it was off), or -2
+   with an error for any other dtype. */
+int ts_set_autocast(int dtype_or_minus1);
+int ts_get_autocast(void);                 /* -1 when off */
+
 /* ---- CUDA (always declared; answers "not available" without a GPU or a CUDA build) ----------- */
 int ts_cuda_compiled(void);
 int ts_cuda_device_count(void);           /* 0 without a GPU or driver; never fails */
