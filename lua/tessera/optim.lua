@@ -177,14 +177,22 @@ function Optimizer:add_param_group(group)
   self.param_groups[#self.param_groups + 1] = g
 end
 
+-- Frees the handles in a list (the tensors live on where they are still referenced).
+local function free_all(tensors)
+  for _, t in ipairs(tensors) do t:free() end
+end
+
 -- Clears gradients: set_to_none (default true) drops them, false zeroes them in place.
 function Optimizer:zero_grad(set_to_none)
   for _, g in ipairs(self.param_groups) do
     for _, p in ipairs(g.params) do
       if set_to_none == false then
         local grad = p.grad
-        if grad ~= nil then grad:zero_() end
-      elseif p.grad ~= nil then
+        if grad ~= nil then
+          grad:zero_()
+          grad:free() -- this handle only: the parameter keeps its .grad
+        end
+      else
         p.grad = nil
       end
     end
@@ -215,6 +223,9 @@ function Optimizer:step(closure)
   end
   for _, b in ipairs(order) do
     if #b.params > 0 then self:run(b) end
+    -- the handles, not the gradients: without this the gradients of a step could outlive
+    -- zero_grad until the next garbage collection
+    free_all(b.grads)
   end
   return loss
 end
@@ -500,7 +511,9 @@ end
 function optim.grad_norm(params, norm_type)
   local grads = grads_of('grad_norm', params)
   if #grads == 0 then return 0 end
-  return total_norm(grads, norm_type_arg('grad_norm', norm_type))
+  local total = total_norm(grads, norm_type_arg('grad_norm', norm_type))
+  free_all(grads)
+  return total
 end
 
 -- T.optim.clip_grad_norm_(params, max_norm, norm_type = 2, error_if_nonfinite = false)
@@ -519,6 +532,7 @@ function optim.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
   end
   local coef = max_norm / (total + 1e-6)
   if coef < 1 or coef ~= coef then check(C.ts_scale_(#grads, c_tensors(grads), coef)) end
+  free_all(grads)
   return total
 end
 
