@@ -8,6 +8,7 @@
 #include "backend.h"
 
 #include <math.h>
+#include <string.h>
 
 static const char *const unary_names[TS_NUM_UNARY_OPS] = {
     "neg", "abs", "sign", "exp", "expm1", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "erf", "relu",
@@ -96,6 +97,7 @@ fail:
 static ts_tensor *as_operand(ts_tensor *t, int dtype, int ndim, const int64_t *shape) {
   ts_tensor *conv = ts_to_dtype(t, dtype);
   if (!conv) return NULL;
+  if (conv->ndim == ndim && !memcmp(conv->shape, shape, (size_t)ndim * sizeof *shape)) return conv; /* no view needed */
   ts_tensor *view = ts_expand(conv, ndim, shape);
   ts_release(conv);
   return view;
