@@ -70,7 +70,7 @@ typedef struct ts_backend {
   /* Fills out (contiguous) from the Philox stream at (seed, offset); see tessera.h. */
   int (*random)(ts_tensor *out, int kind, double a, double b, uint64_t seed, uint64_t offset);
 
-  /* @masks: UM-MAE compaction (runtime/masks.c). x [N,H,W,C] and out [N,H/2,W/2,C] contiguous, any
+  /* UM-MAE compaction (runtime/masks.c). x [N,H,W,C] and out [N,H/2,W/2,C] contiguous, any
      dtype (elements are copied, never converted); kept int64 [N,G] contiguous: for each group g
      (row-major on the (H/2p) x (W/2p) group grid) the index of its visible patch on the
      (H/p) x (W/p) patch grid, already checked. out's p x p block of group g = x's tokens of patch
@@ -78,7 +78,7 @@ typedef struct ts_backend {
   int (*uniform_compact)(ts_tensor *out, const ts_tensor *x, const ts_tensor *kept, int64_t patch_tokens);
   int (*uniform_compact_backward)(ts_tensor *gx, const ts_tensor *g, const ts_tensor *kept, int64_t patch_tokens);
 
-  /* @nn-linear-norm-softmax-loss (entries below this line) */
+  /* linear layers, normalization, softmax, dropout, losses */
   /* Linear layers on 2-D operands, each with a unit stride in one of its dims (BLAS layout):
      out [M,N] = x [M,K] @ w[N,K]^T + b[N] (b may be NULL). The backward writes the gradients that
      are not NULL: gx [M,K] = g @ w, gw [N,K] = g^T @ x, gb [N] = sum of g over rows; g contiguous. */
@@ -130,7 +130,7 @@ typedef struct ts_backend {
   int (*pointwise_loss_backward)(int kind, ts_tensor *ga, const ts_tensor *g, const ts_tensor *a, const ts_tensor *b,
                                  double beta, double scale);
 
-  /* @nn-spatial (entries below this line) */
+  /* convolution, pooling, resampling */
   /* Spatial ops on images [N, C, H, W] (pools and interpolate: [planes, H, W] with any leading
      dims). Inputs are contiguous in the compute dtype (float32 or float64); outputs and gradients
      are fresh contiguous tensors of that dtype, filled entirely by the entry; their shapes give
@@ -157,7 +157,7 @@ typedef struct ts_backend {
   /* scale: the caller's scale factors, <= 0 where none (see ts_interpolate). */
   int (*interpolate)(ts_tensor *out, const ts_tensor *x, int mode, int align_corners, const double scale[2]);
   int (*interpolate_backward)(ts_tensor *gx, const ts_tensor *g, int mode, int align_corners, const double scale[2]);
-  /* @nn-attention (entries below this line) */
+  /* attention and the relative position bias */
   /* Scaled dot-product attention over (batch·head) blocks in the compute dtype: q [BH,Nq,D], k [BH,Nk,D],
      v [BH,Nk,Dv] and out [BH,Nq,Dv] are contiguous; lse [BH,Nq] (float32, float64 for float64 blocks)
      receives each row's log-sum-exp of the scores (-inf for a row masked entirely, whose output is zeros). bias: NULL or a view [E..., Nq, Nk]
@@ -190,7 +190,7 @@ typedef struct ts_backend {
   int (*position_bias_backward)(ts_tensor *gpos, ts_tensor *gw1, ts_tensor *gb1, ts_tensor *gw2, ts_tensor *gb2,
                                 const ts_tensor *g, const ts_tensor *pos, const ts_tensor *w1, const ts_tensor *b1,
                                 const ts_tensor *w2);
-  /* @optim (entries below this line) */
+  /* optimizers */
   /* Multi-tensor updates and reductions over n tensors (see ts_adamw_step and friends in
      tessera.h). The runtime has validated everything, dropped skipped tensors and hands over
      contiguous tensors only; parameters and optimizer state are written in place. */

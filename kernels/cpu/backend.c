@@ -46,9 +46,9 @@ const ts_backend ts_cpu_backend = {
     .sort = cpu_sort,
     .topk = cpu_topk,
     .random = cpu_random,
-    .uniform_compact = cpu_uniform_compact, /* @masks */
+    .uniform_compact = cpu_uniform_compact,
     .uniform_compact_backward = cpu_uniform_compact_backward,
-    /* @nn-linear-norm-softmax-loss (entries below this line) */
+    /* linear layers, normalization, softmax, dropout, losses */
     .linear = cpu_linear,
     .linear_backward = cpu_linear_backward,
     .layer_norm = cpu_layer_norm,
@@ -66,7 +66,7 @@ const ts_backend ts_cpu_backend = {
     .pointwise_loss = cpu_pointwise_loss,
     .pointwise_loss_backward = cpu_pointwise_loss_backward,
 
-    /* @nn-spatial (entries below this line) */
+    /* convolution, pooling, resampling */
     .conv2d = cpu_conv2d,
     .conv2d_backward = cpu_conv2d_backward,
     .avg_pool2d = cpu_avg_pool2d,
@@ -77,14 +77,14 @@ const ts_backend ts_cpu_backend = {
     .adaptive_avg_pool2d_backward = cpu_adaptive_avg_pool2d_backward,
     .interpolate = cpu_interpolate,
     .interpolate_backward = cpu_interpolate_backward,
-    /* @nn-attention (entries below this line) */
+    /* attention and the relative position bias */
     .attention = cpu_attention,
     .attention_backward = cpu_attention_backward,
     .attention_views = cpu_attention, /* one kernel for both layouts: it reads the operands' rank */
     .attention_views_backward = cpu_attention_backward,
     .position_bias = cpu_position_bias,
     .position_bias_backward = cpu_position_bias_backward,
-    /* @optim (entries below this line) */
+    /* optimizers */
     .adamw = cpu_adamw,
     .sgd = cpu_sgd,
     .multi_norm = cpu_multi_norm,

@@ -67,11 +67,11 @@ int cpu_topk(ts_tensor *values, ts_tensor *indices, const ts_tensor *a, int64_t 
 /* random.c */
 int cpu_random(ts_tensor *out, int kind, double a, double b, uint64_t seed, uint64_t offset);
 
-/* masks.c (@masks) */
+/* masks.c */
 int cpu_uniform_compact(ts_tensor *out, const ts_tensor *x, const ts_tensor *kept, int64_t patch_tokens);
 int cpu_uniform_compact_backward(ts_tensor *gx, const ts_tensor *g, const ts_tensor *kept, int64_t patch_tokens);
 
-/* @nn-linear-norm-softmax-loss (declarations below this line) */
+/* linear layers, normalization, softmax, dropout, losses */
 /* nn.c */
 int cpu_linear(ts_tensor *out, const ts_tensor *x, const ts_tensor *w, const ts_tensor *b);
 int cpu_linear_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_tensor *g, const ts_tensor *x,
@@ -106,7 +106,7 @@ int cpu_pointwise_loss(int kind, ts_tensor *out, const ts_tensor *a, const ts_te
 int cpu_pointwise_loss_backward(int kind, ts_tensor *ga, const ts_tensor *g, const ts_tensor *a, const ts_tensor *b,
                                 double beta, double scale);
 
-/* @nn-spatial (declarations below this line) */
+/* convolution, pooling, resampling, padding, rolling, pixel shuffle */
 /* conv.c, pool.c, resample.c */
 int cpu_conv2d(ts_tensor *out, const ts_tensor *x, const ts_tensor *w, const ts_tensor *b, const int64_t stride[2],
                const int64_t padding[2], const int64_t dilation[2], int64_t groups);
@@ -124,7 +124,7 @@ int cpu_adaptive_avg_pool2d(ts_tensor *out, const ts_tensor *x);
 int cpu_adaptive_avg_pool2d_backward(ts_tensor *gx, const ts_tensor *g);
 int cpu_interpolate(ts_tensor *out, const ts_tensor *x, int mode, int align_corners, const double scale[2]);
 int cpu_interpolate_backward(ts_tensor *gx, const ts_tensor *g, int mode, int align_corners, const double scale[2]);
-/* @nn-attention (declarations below this line) */
+/* attention and Swin's relative position bias */
 /* attention.c: both take contiguous [BH, rows, cols] blocks (attention) or, given 4-D tensors, strided
    head views [B, H, rows, cols] (attention_views) */
 int cpu_attention(ts_tensor *out, ts_tensor *lse, const ts_tensor *q, const ts_tensor *k, const ts_tensor *v,
@@ -138,7 +138,7 @@ int cpu_position_bias(ts_tensor *out, const ts_tensor *pos, const ts_tensor *w1,
 int cpu_position_bias_backward(ts_tensor *gpos, ts_tensor *gw1, ts_tensor *gb1, ts_tensor *gw2, ts_tensor *gb2,
                                const ts_tensor *g, const ts_tensor *pos, const ts_tensor *w1, const ts_tensor *b1,
                                const ts_tensor *w2);
-/* @optim (declarations below this line) */
+/* optimizers */
 /* optim.c */
 int cpu_adamw(int n, ts_tensor *const *params, ts_tensor *const *grads, ts_tensor *const *exp_avg,
               ts_tensor *const *exp_avg_sq, const double *lr, const double *weight_decay, double beta1, double beta2,

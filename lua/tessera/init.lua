@@ -9,7 +9,7 @@ require 'tessera.random'
 require 'tessera.linalg'
 require 'tessera.indexing'
 require 'tessera.reduce'
--- @modules (requires below this line)
+-- mixed precision, CUDA controls, data, images, masks, files, functional ops, optimizers, nn, models
 require 'tessera.autocast'
 require 'tessera.cuda'
 require 'tessera.data'

@@ -235,7 +235,7 @@ int ts_backward(ts_tensor *root, ts_tensor *grad, int retain_graph);
 
 /* ---- neural-network ops: forward in C, backward recorded on the tape ----------------------------- */
 /* Layout conventions as PyTorch: images are [N, C, H, W]; linear weights [out, in]. */
-/* @nn-linear-norm-softmax-loss (declarations below this line) */
+/* linear layers, normalization, softmax, dropout, losses */
 /* How a loss combines its per-element values: as PyTorch's reduction='none' | 'mean' | 'sum'. */
 typedef enum ts_reduction { TS_REDUCTION_NONE = 0, TS_REDUCTION_MEAN, TS_REDUCTION_SUM } ts_reduction;
 /* y = x @ w^T + b: x [..., in], w [out, in], b [out] or NULL; one dtype (float). */
@@ -271,7 +271,7 @@ ts_tensor *ts_mse_loss(ts_tensor *a, ts_tensor *b, int reduction);
 ts_tensor *ts_l1_loss(ts_tensor *a, ts_tensor *b, int reduction);
 ts_tensor *ts_smooth_l1_loss(ts_tensor *a, ts_tensor *b, double beta, int reduction);
 
-/* @nn-spatial (declarations below this line) */
+/* convolution, pooling, resampling, padding, rolling, pixel shuffle */
 /* conv2d as torch.nn.functional.conv2d: x [N, C, H, W] (or unbatched [C, H, W]), w [O, C/groups,
    kh, kw], b [O] or NULL; out [N, O, OH, OW], OH = (H + 2 pad_h - dil_h (kh - 1) - 1) / stride_h + 1. */
 ts_tensor *ts_conv2d(ts_tensor *x, ts_tensor *w, ts_tensor *b, int64_t stride_h, int64_t stride_w, int64_t pad_h,
@@ -300,7 +300,7 @@ ts_tensor *ts_roll(ts_tensor *x, int nshifts, const int64_t *shifts, const int *
 /* [*, C r^2, H, W] <-> [*, C, H r, W r]: output (c, h r + i, w r + j) is input (c r^2 + i r + j, h, w). */
 ts_tensor *ts_pixel_shuffle(ts_tensor *x, int64_t r);
 ts_tensor *ts_pixel_unshuffle(ts_tensor *x, int64_t r);
-/* @nn-attention (declarations below this line) */
+/* attention and Swin's relative position bias */
 /* Scaled dot-product attention, as PyTorch's scaled_dot_product_attention with a float mask:
    out = softmax(q kᵀ · scale + bias) v for q [..., Nq, D], k [..., Nk, D], v [..., Nk, Dv] of one
    floating dtype; the leading (batch) dims of q, k, v broadcast; out is [..., Nq, Dv] in that dtype.
@@ -327,7 +327,7 @@ ts_tensor *ts_attention_packed(ts_tensor *q, ts_tensor *kv, int64_t heads, ts_te
    [W, P, N, N] hidden layer (the backward recomputes it). One autograd node; every input gets a
    gradient. */
 ts_tensor *ts_relative_position_bias(ts_tensor *pos, ts_tensor *w1, ts_tensor *b1, ts_tensor *w2, ts_tensor *b2);
-/* @optim (declarations below this line) */
+/* optimizers */
 /* ---- optimizers: fused multi-tensor updates, as torch.optim ------------------------------------ */
 /* One call updates every tensor of one or more parameter groups. Entry k of each array belongs to
    parameter k; a NULL grads[k] skips parameter k (its state may then be NULL too). Parameters are
