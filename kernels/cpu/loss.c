@@ -15,17 +15,7 @@
 #include <math.h>
 #include <stdlib.h>
 
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-ALWAYS_INLINE double load(const void *p, int64_t i, int f64) {
-  return f64 ? ((const double *)p)[i] : (double)((const float *)p)[i];
-}
-ALWAYS_INLINE void store(void *p, int64_t i, double v, int f64) {
-  if (f64) ((double *)p)[i] = v;
-  else ((float *)p)[i] = (float)v;
-}
-/* exp in the dtype's precision: expf is several times faster than exp and exact enough for float32. */
-ALWAYS_INLINE double exp_of(double v, int f64) { return f64 ? exp(v) : (double)expf((float)v); }
+#include "values.h"
 
 /* ---- cross entropy --------------------------------------------------------------------------- */
 typedef struct {

@@ -10,15 +10,8 @@
 #include <math.h>
 #include <stdlib.h>
 
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#include "values.h"
 
-ALWAYS_INLINE double load(const void *p, int64_t i, int f64) {
-  return f64 ? ((const double *)p)[i] : (double)((const float *)p)[i];
-}
-ALWAYS_INLINE void store(void *p, int64_t i, double v, int f64) {
-  if (f64) ((double *)p)[i] = v;
-  else ((float *)p)[i] = (float)v;
-}
 /* An optional per-element parameter (weight or bias): `absent` where the tensor is NULL. */
 ALWAYS_INLINE double param(const void *p, int64_t i, double absent, int f64) { return p ? load(p, i, f64) : absent; }
 
