@@ -7,7 +7,7 @@
 
 /* ---- memory statistics: one slot for the host, one per CUDA device --------------------------- */
 enum { MAX_CUDA_DEVICES = 16 };
-typedef struct { int64_t live, peak, count; } mem_counters;
+typedef struct { int64_t live, peak, count, limit; } mem_counters; /* limit 0: none */
 static mem_counters host_stats, cuda_stats[MAX_CUDA_DEVICES];
 static int64_t allocated_total, live_total; /* over every device: the Lua GC steps by these */
 
@@ -49,6 +49,25 @@ int ts_memory_stats_get(ts_device dev, ts_memory_stats *out) {
   return TS_OK;
 }
 
+int ts_memory_set_limit(ts_device dev, int64_t bytes) {
+  mem_counters *s = stats_for(dev);
+  if (!s) return ts_set_error(TS_ERR_DEVICE, "set_memory_limit: no such device %s", ts_device_str(dev));
+  if (bytes < 0) return ts_set_error(TS_ERR_ARG, "set_memory_limit: the limit must be >= 0 (0: none), got %lld", (long long)bytes);
+  __atomic_store_n(&s->limit, bytes, __ATOMIC_RELAXED);
+  return TS_OK;
+}
+
+/* Whether nbytes more fit under the device's limit; sets the out-of-memory error when not. */
+static int within_limit(ts_device dev, size_t nbytes) {
+  mem_counters *s = stats_for(dev);
+  int64_t limit = s ? __atomic_load_n(&s->limit, __ATOMIC_RELAXED) : 0;
+  int64_t live = s ? __atomic_load_n(&s->live, __ATOMIC_RELAXED) : 0;
+  if (!limit || live + (int64_t)nbytes <= limit) return 1;
+  ts_set_error(TS_ERR_MEMORY, "%s: out of memory: allocating %zu bytes would exceed the limit of %lld bytes set with "
+               "set_memory_limit (%lld bytes live)", ts_device_str(dev), nbytes, (long long)limit, (long long)live);
+  return 0;
+}
+
 void ts_memory_reset_peak(ts_device dev) {
   mem_counters *s = stats_for(dev);
   if (s) __atomic_store_n(&s->peak, __atomic_load_n(&s->live, __ATOMIC_RELAXED), __ATOMIC_RELAXED);
@@ -68,6 +87,7 @@ ts_storage *ts_storage_new(size_t nbytes, ts_device dev) {
     ts_set_error(TS_ERR_MEMORY, "cannot allocate %zu bytes on %s: size is absurd", nbytes, ts_device_str(dev));
     return NULL;
   }
+  if (!within_limit(dev, nbytes)) return NULL;
   ts_storage *s = calloc(1, sizeof *s);
   if (!s) {
     ts_set_error(TS_ERR_MEMORY, "out of host memory allocating a storage header");

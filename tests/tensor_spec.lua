@@ -391,6 +391,31 @@ describe('memory and lifetime', function()
     assert.equal(base, held())
   end)
 
+  it('out of memory, collects garbage and retries the call once; then names the request', function()
+    collectgarbage()
+    local base = T.memory_stats().live
+    T.set_memory_limit(base + 40 * 2 ^ 20) -- 40 MB of room
+    collectgarbage('stop')                  -- only the out-of-memory path may collect
+    local ok, err = pcall(function()
+      for _ = 1, 20 do
+        local garbage = T.empty(4 * 2 ^ 20) -- 16 MB each, dropped at once
+        assert(garbage)
+      end
+    end)
+    collectgarbage('restart')
+    local held = {}
+    local ok2, err2 = pcall(function()
+      for i = 1, 10 do held[i] = T.empty(4 * 2 ^ 20) end -- 16 MB each, all still referenced
+    end)
+    held = nil
+    T.set_memory_limit(0)
+    collectgarbage()
+    assert(ok, err)
+    assert.is_false(ok2)
+    assert.truthy(tostring(err2):find('16777216 bytes would exceed the limit', 1, true), err2)
+    S.assert_error(function() T.set_memory_limit(-1) end, 'set_memory_limit', '>= 0')
+  end)
+
   it('views keep their storage alive after the base is freed', function()
     local a = T.arange(6):view(2, 3)
     local v = a[1]

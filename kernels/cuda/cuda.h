@@ -29,9 +29,6 @@ void *cuda_alloc(size_t nbytes, int device_index);
 void cuda_free(void *ptr, size_t nbytes, int device_index);
 int64_t cuda_cached_bytes(int device_index);
 void cuda_empty_cache(int device_index);
-/* runtime/oom.c: runs the out-of-memory hook (ts_set_oom_callback) when this thread registered
-   it; 1 when it ran. */
-int ts_run_oom_callback(void);
 int cuda_copy_from_host(void *dst, const void *src, size_t nbytes, int device_index);
 int cuda_copy_to_host(void *dst, const void *src, size_t nbytes, int device_index);
 int cuda_synchronize(int device_index);

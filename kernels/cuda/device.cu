@@ -255,18 +255,9 @@ void release_cached(allocator &al, cudaStream_t stream) {
   (void)cudaGetLastError();
 }
 
-// Out of memory: cached segments first; then the runtime's hook (a full Lua GC), which runs with
-// the lock released since the tensors it frees come back through cuda_free; one last try.
-block *allocate_after_oom(allocator &al, std::unique_lock<std::mutex> &held, size_t nbytes, cudaStream_t stream,
-                          cudaError_t *err) {
-  release_cached(al, stream);
-  block *b = allocate_block(al, nbytes, stream, err);
-  if (b || *err != cudaErrorMemoryAllocation) return b;
-  held.unlock();
-  int ran = ts_run_oom_callback();
-  held.lock();
-  if (!ran) return nullptr;
-  drain_deferred(al);
+// Out of memory: give the cached segments back to the driver and try once more. (The Lua binding
+// then runs a full collection and retries the whole op once: see core.lua.)
+block *allocate_after_oom(allocator &al, size_t nbytes, cudaStream_t stream, cudaError_t *err) {
   release_cached(al, stream);
   return allocate_block(al, nbytes, stream, err);
 }
@@ -287,11 +278,11 @@ extern "C" void *cuda_alloc(size_t nbytes, int device_index) {
   if (cuda_stream_for("cuda alloc", device_index, &stream)) return NULL;
   allocator &al = allocators[device_index];
   try {
-    std::unique_lock<std::mutex> held(al.lock);
+    std::lock_guard<std::mutex> held(al.lock);
     drain_deferred(al);
     cudaError_t err;
     block *b = allocate_block(al, nbytes, stream, &err);
-    if (!b && err == cudaErrorMemoryAllocation) b = allocate_after_oom(al, held, nbytes, stream, &err);
+    if (!b && err == cudaErrorMemoryAllocation) b = allocate_after_oom(al, nbytes, stream, &err);
     if (b) return b->ptr;
     if (err == cudaErrorMemoryAllocation) out_of_memory(al, nbytes, device_index);
     else ts_set_error(TS_ERR_DEVICE, "cuda alloc: cannot allocate %zu bytes on cuda:%d: %s", nbytes, device_index,

@@ -19,13 +19,48 @@ local OPENBLAS_THREAD_TIMEOUT = '4'
 pcall(ffi.cdef, 'int setenv(const char *name, const char *value, int overwrite);')
 ffi.C.setenv('OPENBLAS_THREAD_TIMEOUT', OPENBLAS_THREAD_TIMEOUT, 0)
 
-local C = ffi.load(os.getenv('TESSERA_LIBRARY') or config.library)
-if C.tessera_abi_version() ~= C.TESSERA_ABI_VERSION then
+local lib = ffi.load(os.getenv('TESSERA_LIBRARY') or config.library)
+if lib.tessera_abi_version() ~= lib.TESSERA_ABI_VERSION then
   error(string.format('tessera: libtessera ABI %d does not match the Lua binding (ABI %d); rebuild',
-    C.tessera_abi_version(), C.TESSERA_ABI_VERSION), 0)
+    lib.tessera_abi_version(), lib.TESSERA_ABI_VERSION), 0)
 end
 
-local core = { ffi = ffi, C = C, version = config.version }
+-- Out of memory, a call that makes a tensor gets one more chance: device memory may be held by
+-- tensors that only unreachable Lua values still reference, so a full collection runs, every
+-- device's allocator cache is emptied, and the call is made again; a second failure is the error.
+-- This lives here, in Lua, because a C allocator must not call back into Lua (LuaJIT aborts when a
+-- C function called from compiled code does). Every binding module calls the library through `C`,
+-- which wraps each function that makes an object once with this retry (the others, enums and
+-- constants pass through).
+local cpu_device = ffi.new('ts_device', { lib.TS_CPU, 0 })
+
+local function free_memory()
+  collectgarbage('collect')
+  lib.ts_memory_empty_cache(cpu_device)
+  for i = 0, lib.ts_cuda_device_count() - 1 do lib.ts_memory_empty_cache(ffi.new('ts_device', { lib.TS_CUDA, i })) end
+  lib.ts_clear_error()
+end
+
+local function with_retry(fn)
+  return function(...)
+    local r = fn(...)
+    if r == nil and lib.ts_last_status() == lib.TS_ERR_MEMORY then
+      free_memory()
+      r = fn(...)
+    end
+    return r
+  end
+end
+
+local C = setmetatable({}, { __index = function(t, name)
+  local v = lib[name]
+  -- functions that return an object (a tensor, a file, a loader): NULL is their failure
+  if type(v) == 'cdata' and tostring(ffi.typeof(v)):match('^ctype<struct [%w_]+ %*%(') then v = with_retry(v) end
+  rawset(t, name, v)
+  return v
+end })
+
+local core = { ffi = ffi, C = C, lib = lib, version = config.version }
 local T = {}          -- the public namespace, `require 'tessera'`
 local Tensor = {}     -- tensor methods; properties live in core.properties
 core.T, core.Tensor, core.properties, core.setters = T, Tensor, {}, {}
@@ -55,7 +90,6 @@ end
 -- the budget grows with what is still alive afterwards, so steady states do not collect per op.
 local GC_MIN_BUDGET = 64 * 1024 * 1024
 local gc_budget, gc_mark = GC_MIN_BUDGET, 0
-local cpu_device = ffi.new('ts_device', { C.TS_CPU, 0 })
 
 -- Bytes on every device count: dropped GPU tensors are freed by the same collections.
 local function step_gc()

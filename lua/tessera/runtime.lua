@@ -17,6 +17,11 @@ function T.memory_stats(device)
            reserved = tonumber(s.reserved_bytes), allocs = tonumber(s.num_allocs) }
 end
 function T.reset_peak_memory(device) C.ts_memory_reset_peak(core.device(device, 'reset_peak_memory')) end
+-- Caps the bytes live tensors may hold on a device (nil or 0: no cap): past it allocations fail as if
+-- the device were full (after the collection-and-retry every tensor-making call gets).
+function T.set_memory_limit(bytes, device)
+  core.check(C.ts_memory_set_limit(core.device(device, 'set_memory_limit'), bytes or 0))
+end
 -- Gives the allocator's cached blocks back to the system.
 function T.empty_cache(device) core.check(C.ts_memory_empty_cache(core.device(device, 'empty_cache'))) end
 
@@ -27,26 +32,5 @@ function T.cuda.is_available() return C.ts_cuda_device_count() > 0 end
 function T.cuda.synchronize(index) core.check(C.ts_cuda_synchronize(index or 0)) end
 function T.cuda.memory_stats(index) return T.memory_stats('cuda:' .. (index or 0)) end
 function T.cuda.empty_cache(index) T.empty_cache('cuda:' .. (index or 0)) end
-
--- Out of device memory, the CUDA allocator first gives its cached blocks back; when that is not
--- enough it calls this hook once before its last retry: a full collection frees the device memory
--- of tensors that only unreachable Lua values still hold (their finalizers only queue the blocks,
--- which the allocator takes back before retrying). The hook runs on the allocating thread, inside
--- the failing call, and only when that is the thread that registered it (this Lua state's).
--- Caveat: LuaJIT cannot enter a callback from a C function called by JIT-compiled code; it then
--- aborts with "bad callback" instead of running it. Since the hook is reached only when the
--- device is truly out of memory, that turns an out-of-memory error in a compiled loop into an
--- abort. The hook is therefore off by default: the binding already collects by device bytes (see
--- core.lua), so little garbage is left to find; T.cuda.set_gc_on_oom(true) arms it where no code
--- is compiled (the REPL, jit.off()).
-
-local oom_collect = ffi.cast('void (*)(void)', function() collectgarbage('collect') end)
-local oom_armed = false
-function T.cuda.set_gc_on_oom(on)
-  oom_armed = on ~= false
-  C.ts_set_oom_callback(oom_armed and oom_collect or nil)
-end
-function T.cuda.gc_on_oom() return oom_armed end
-T.cuda.set_gc_on_oom(false)
 
 return T

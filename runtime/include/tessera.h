@@ -211,6 +211,9 @@ typedef struct ts_memory_stats {
 } ts_memory_stats;
 int ts_memory_stats_get(ts_device dev, ts_memory_stats *out);
 void ts_memory_reset_peak(ts_device dev);
+/* Caps the bytes live tensors may hold on a device (0: no cap; the default): an allocation past it
+   fails with TS_ERR_MEMORY as if the device were full. */
+int ts_memory_set_limit(ts_device dev, int64_t bytes);
 /* Returns the allocator's cached blocks to the system (reserved_bytes drops to live_bytes). */
 int ts_memory_empty_cache(ts_device dev);
 /* Bytes allocated on every device since start, and bytes live now: the Lua binding steps its GC
@@ -528,14 +531,6 @@ int ts_data_loader_get_state(const ts_data_loader *l, ts_data_loader_state *out)
 int ts_data_loader_set_state(ts_data_loader *l, const ts_data_loader_state *s);
 /* Files skipped in the batches of the current epoch delivered so far. */
 int64_t ts_data_loader_skipped(const ts_data_loader *l);
-
-/* ---- device out-of-memory hook ------------------------------------------------------------------ */
-/* A device allocator (CUDA) that has run out of memory gives back its cached blocks and, when that
-   is not enough, calls fn before its last retry; the Lua binding registers a full garbage
-   collection, which frees tensors only unreachable Lua values still hold. fn runs on the
-   allocating thread, and only when that is the thread that registered it; never re-entered.
-   NULL removes it. */
-void ts_set_oom_callback(void (*fn)(void));
 
 /* Whether float32 matrix products (matmul, bmm, linear) and convolutions (cuDNN) on
    CUDA devices may use TF32 tensor cores (10-bit mantissa inputs, float32 accumulation): off by
