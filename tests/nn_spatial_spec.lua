@@ -453,7 +453,8 @@ describe('interpolate', function()
     S.assert_error(function() F.interpolate(x, { sizes = 3 }) end, "unknown option 'sizes'", 'align_corners, mode')
     S.assert_error(function() F.interpolate(T.ones({ 2, 3, 4 }), { size = 3 }) end, 'expects a 4-D input', '[2,3,4]')
     S.assert_error(function() F.interpolate(x, { size = { 0, 3 } }) end, 'greater than 0', 'output (H: 0, W: 3)')
-    S.assert_error(function() F.interpolate(x, { scale_factor = -1 }) end, 'scale_factor must be positive')
+    S.assert_error(function() F.interpolate(x, { scale_factor = -1 }) end,
+      'scale_factor must be a finite number > 0, got -1')
     S.assert_error(function() F.interpolate(T.ones({ 1, 1, 2, 2 }, { dtype = 'int32' }), { size = 3 }) end,
       'floating point', 'int32')
   end)

@@ -163,15 +163,11 @@ local function join_extra(extra, tensors, path)
 end
 
 -- ---- saving ----------------------------------------------------------------------------------------
-local function check_count(what, name, v)
-  if v ~= nil and not (core.is_integer(v) and v >= 0) then
-    fail('%s: %s must be a non-negative integer, got %s', what, name, tostring(v))
-  end
-end
-
 local function position_of(b)
   local what = 'checkpoint.save'
-  for _, k in ipairs { 'epoch', 'iter', 'step', 'iters' } do check_count(what, k, b[k]) end
+  for _, k in ipairs { 'epoch', 'iter', 'step', 'iters' } do
+    if b[k] ~= nil then core.check_integer(what, k, b[k], 0) end
+  end
   return { epoch = b.epoch or 0, iter = b.iter or 0, step = b.step, iters = b.iters }
 end
 

@@ -291,6 +291,51 @@ function core.options(what, opts, valid)
   return opts
 end
 
+-- ---- argument checks -----------------------------------------------------------------------------
+-- Each checks one argument and returns it; `what` names the op and `name` the argument, and a bad
+-- value raises (level 0) "<what>: <name> must be <requirement>, got <value>". A `default`, when
+-- given, stands in for a nil value; without one, nil is an error like any other wrong value.
+
+-- A value as an error message shows it: numbers and booleans as written, strings quoted, anything
+-- else by its kind (a table's address tells the reader nothing).
+function core.describe(v)
+  local kind = type(v)
+  if kind == 'string' then return "'" .. v .. "'" end
+  if kind == 'number' or kind == 'boolean' or kind == 'nil' then return tostring(v) end
+  return core.is_tensor(v) and 'a tensor' or kind
+end
+
+local function invalid(what, name, requirement, v)
+  error(string.format('%s: %s must be %s, got %s', what, name, requirement, core.describe(v)), 0)
+end
+
+local function checker(requirement, valid)
+  return function(what, name, v, default)
+    if v == nil and default ~= nil then return default end
+    if not valid(v) then invalid(what, name, requirement, v) end
+    return v
+  end
+end
+
+core.check_boolean = checker('a boolean', function(v) return type(v) == 'boolean' end)
+core.check_string = checker('a string', function(v) return type(v) == 'string' end)
+-- NaN is never a number here; the infinities are, but not for the bounded forms.
+core.check_number = checker('a number', function(v) return type(v) == 'number' and v == v end)
+core.check_nonnegative = checker('a finite number >= 0',
+  function(v) return type(v) == 'number' and v >= 0 and v < math.huge end)
+core.check_positive = checker('a finite number > 0',
+  function(v) return type(v) == 'number' and v > 0 and v < math.huge end)
+
+-- An integer >= min (any integer when min is nil).
+function core.check_integer(what, name, v, min, default)
+  if v == nil and default ~= nil then return default end
+  if not is_integer(v) or (min ~= nil and v < min) then
+    invalid(what, name, min == nil and 'an integer' or min == 0 and 'a non-negative integer'
+      or 'an integer >= ' .. min, v)
+  end
+  return v
+end
+
 -- Shape of a C tensor as a Lua list.
 function core.shape_of(h)
   local nd = C.ts_ndim(h)

@@ -37,39 +37,14 @@ local data = {}
 ffi.cdef [[ typedef struct tessera_data_loader { ts_data_loader *h; } tessera_data_loader; ]]
 
 -- ---- arguments -----------------------------------------------------------------------------------
-local function string_arg(x, what, name)
-  if type(x) ~= 'string' then
-    error(string.format('%s: %s must be a string, got %s', what, name, type(x)), 0)
-  end
-  return x
-end
-
-local function integer_opt(v, what, name, lo)
-  if not core.is_integer(v) or v < lo then
-    error(string.format('%s: %s must be an integer >= %d, got %s', what, name, lo, tostring(v)), 0)
-  end
-  return v
-end
-
-local function number_opt(v, what, name)
-  if type(v) ~= 'number' or v ~= v then
-    error(string.format('%s: %s must be a number, got %s', what, name, tostring(v)), 0)
-  end
-  return v
-end
-
-local function boolean_opt(v, what, name)
-  if type(v) ~= 'boolean' then
-    error(string.format('%s: %s must be a boolean, got %s', what, name, tostring(v)), 0)
-  end
-  return v
-end
+local check_string, check_integer, check_number, check_boolean =
+  core.check_string, core.check_integer, core.check_number, core.check_boolean
 
 local function list_opt(v, n, what, name)
   if type(v) ~= 'table' or #v ~= n then
-    error(string.format('%s: %s must be a list of %d numbers, got %s', what, name, n, tostring(v)), 0)
+    error(string.format('%s: %s must be a list of %d numbers, got %s', what, name, n, core.describe(v)), 0)
   end
-  for i = 1, n do number_opt(v[i], what, name .. '[' .. i .. ']') end
+  for i = 1, n do check_number(what, name .. '[' .. i .. ']', v[i]) end
   return v
 end
 
@@ -88,17 +63,17 @@ local function new_dataset(kind, a, b, what)
 end
 
 function data.ImageFolder(root)
-  return new_dataset(C.TS_DATA_IMAGE_FOLDER, string_arg(root, 'ImageFolder', 'root'), nil, 'ImageFolder')
+  return new_dataset(C.TS_DATA_IMAGE_FOLDER, check_string('ImageFolder', 'root', root), nil, 'ImageFolder')
 end
 
 function data.FileList(root, list_file)
-  return new_dataset(C.TS_DATA_FILE_LIST, string_arg(root, 'FileList', 'root'),
-    string_arg(list_file, 'FileList', 'list_file'), 'FileList')
+  return new_dataset(C.TS_DATA_FILE_LIST, check_string('FileList', 'root', root),
+    check_string('FileList', 'list_file', list_file), 'FileList')
 end
 
 function data.IDX(images_path, labels_path)
-  return new_dataset(C.TS_DATA_IDX, string_arg(images_path, 'IDX', 'images_path'),
-    string_arg(labels_path, 'IDX', 'labels_path'), 'IDX')
+  return new_dataset(C.TS_DATA_IDX, check_string('IDX', 'images_path', images_path),
+    check_string('IDX', 'labels_path', labels_path), 'IDX')
 end
 
 function data.is_dataset(x) return getmetatable(x) == Dataset end
@@ -123,13 +98,13 @@ end
 
 -- ---- single images -------------------------------------------------------------------------------
 function data.decode(path)
-  return wrap(C.ts_data_decode(string_arg(path, 'decode', 'path')))
+  return wrap(C.ts_data_decode(check_string('decode', 'path', path)))
 end
 
 function data.write_jpeg(path, img, opts)
-  string_arg(path, 'write_jpeg', 'path')
+  check_string('write_jpeg', 'path', path)
   opts = core.options('write_jpeg', opts, { quality = true })
-  local quality = opts.quality == nil and 90 or integer_opt(opts.quality, 'write_jpeg', 'quality', 1)
+  local quality = check_integer('write_jpeg', 'quality', opts.quality, 1, 90)
   check(C.ts_jpeg_write(path, handle(img, 'write_jpeg'), quality))
   return path
 end
@@ -148,10 +123,11 @@ function data.crop_params(p)
   local what = 'crop_params'
   p = core.options(what, p, CROP_PARAM_KEYS)
   local out = ffi.new('ts_data_crop')
-  check(C.ts_data_crop_params(integer_opt(p.seed or 0, what, 'seed', 0), integer_opt(p.epoch or 0, what, 'epoch', 0),
-    integer_opt(p.index or 0, what, 'index', 0), integer_opt(p.height, what, 'height', 1),
-    integer_opt(p.width, what, 'width', 1), pair(p.scale or { 0.2, 1.0 }, what, 'scale'),
-    pair(p.ratio or { 3 / 4, 4 / 3 }, what, 'ratio'), number_opt(p.hflip or 0.5, what, 'hflip'), out))
+  local seed, epoch = check_integer(what, 'seed', p.seed or 0, 0), check_integer(what, 'epoch', p.epoch or 0, 0)
+  local index = check_integer(what, 'index', p.index or 0, 0)
+  local height, width = check_integer(what, 'height', p.height, 1), check_integer(what, 'width', p.width, 1)
+  check(C.ts_data_crop_params(seed, epoch, index, height, width, pair(p.scale or { 0.2, 1.0 }, what, 'scale'),
+    pair(p.ratio or { 3 / 4, 4 / 3 }, what, 'ratio'), check_number(what, 'hflip', p.hflip or 0.5), out))
   return { top = tonumber(out.top), left = tonumber(out.left), height = tonumber(out.height),
     width = tonumber(out.width), flip = out.flip ~= 0 }
 end
@@ -159,8 +135,9 @@ end
 local function crop_struct(crop, what)
   if type(crop) ~= 'table' then error(what .. ': crop must be a table {top, left, height, width, flip}', 0) end
   local c = ffi.new('ts_data_crop')
-  c.top, c.left = integer_opt(crop.top, what, 'crop.top', 0), integer_opt(crop.left, what, 'crop.left', 0)
-  c.height, c.width = integer_opt(crop.height, what, 'crop.height', 1), integer_opt(crop.width, what, 'crop.width', 1)
+  c.top, c.left = check_integer(what, 'crop.top', crop.top, 0), check_integer(what, 'crop.left', crop.left, 0)
+  c.height = check_integer(what, 'crop.height', crop.height, 1)
+  c.width = check_integer(what, 'crop.width', crop.width, 1)
   c.flip = crop.flip and 1 or 0
   return c
 end
@@ -172,9 +149,9 @@ function data.resized_crop(img, crop, opts)
   local size = opts.size or 224
   local h_, w_
   if type(size) == 'table' then h_, w_ = size[1], size[2] else h_, w_ = size, size end
-  local normalize = opts.normalize == nil and true or boolean_opt(opts.normalize, what, 'normalize')
-  return wrap(C.ts_data_resized_crop(handle(img, what), crop_struct(crop, what), integer_opt(h_, what, 'size', 1),
-    integer_opt(w_, what, 'size', 1), normalize and 1 or 0, triple(opts.mean or IMAGENET_MEAN, what, 'mean'),
+  local normalize = check_boolean(what, 'normalize', opts.normalize, true)
+  return wrap(C.ts_data_resized_crop(handle(img, what), crop_struct(crop, what), check_integer(what, 'size', h_, 1),
+    check_integer(what, 'size', w_, 1), normalize and 1 or 0, triple(opts.mean or IMAGENET_MEAN, what, 'mean'),
     triple(opts.std or IMAGENET_STD, what, 'std')))
 end
 
@@ -197,26 +174,26 @@ local function loader_options(opts)
     return v
   end })
   local c = ffi.new('ts_data_loader_options')
-  c.batch_size = integer_opt(o.batch_size, what, 'batch_size', 1)
-  c.image_size = integer_opt(o.image_size, what, 'image_size', 1)
+  c.batch_size = check_integer(what, 'batch_size', o.batch_size, 1)
+  c.image_size = check_integer(what, 'image_size', o.image_size, 1)
   for i = 1, 2 do
     c.scale[i - 1] = list_opt(o.scale, 2, what, 'scale')[i]
     c.ratio[i - 1] = list_opt(o.ratio, 2, what, 'ratio')[i]
   end
-  c.hflip = number_opt(o.hflip, what, 'hflip')
-  c.normalize = boolean_opt(o.normalize, what, 'normalize') and 1 or 0
+  c.hflip = check_number(what, 'hflip', o.hflip)
+  c.normalize = check_boolean(what, 'normalize', o.normalize) and 1 or 0
   for i = 1, 3 do
     c.mean[i - 1] = list_opt(o.mean, 3, what, 'mean')[i]
     c.std[i - 1] = list_opt(o.std, 3, what, 'std')[i]
   end
-  c.seed = integer_opt(o.seed, what, 'seed', 0)
-  c.num_workers = integer_opt(o.num_workers, what, 'num_workers', 0)
-  c.prefetch = integer_opt(o.prefetch, what, 'prefetch', 1)
-  c.rank = integer_opt(o.rank, what, 'rank', 0)
-  c.world_size = integer_opt(o.world_size, what, 'world_size', 1)
-  c.drop_last = boolean_opt(o.drop_last, what, 'drop_last') and 1 or 0
-  c.shuffle = boolean_opt(o.shuffle, what, 'shuffle') and 1 or 0
-  c.dct_scaling = boolean_opt(o.dct_scaling, what, 'dct_scaling') and 1 or 0
+  c.seed = check_integer(what, 'seed', o.seed, 0)
+  c.num_workers = check_integer(what, 'num_workers', o.num_workers, 0)
+  c.prefetch = check_integer(what, 'prefetch', o.prefetch, 1)
+  c.rank = check_integer(what, 'rank', o.rank, 0)
+  c.world_size = check_integer(what, 'world_size', o.world_size, 1)
+  c.drop_last = check_boolean(what, 'drop_last', o.drop_last) and 1 or 0
+  c.shuffle = check_boolean(what, 'shuffle', o.shuffle) and 1 or 0
+  c.dct_scaling = check_boolean(what, 'dct_scaling', o.dct_scaling) and 1 or 0
   return c
 end
 
@@ -247,7 +224,7 @@ function Loader:options()
 end
 
 function Loader:set_epoch(epoch)
-  check(C.ts_data_loader_set_epoch(loader_handle(self), integer_opt(epoch, 'set_epoch', 'epoch', 0)))
+  check(C.ts_data_loader_set_epoch(loader_handle(self), check_integer('set_epoch', 'epoch', epoch, 0)))
 end
 
 -- The next batch (images, labels, indices), or nil at the end of the epoch.
@@ -280,9 +257,9 @@ function Loader:load_state(s)
     end
   end
   local c = ffi.new('ts_data_loader_state')
-  c.epoch = integer_opt(s.epoch, what, 'epoch', 0)
-  c.batch = integer_opt(s.batch, what, 'batch', 0)
-  c.seed = integer_opt(s.seed == nil and mine.seed or s.seed, what, 'seed', 0)
+  c.epoch = check_integer(what, 'epoch', s.epoch, 0)
+  c.batch = check_integer(what, 'batch', s.batch, 0)
+  c.seed = check_integer(what, 'seed', s.seed == nil and mine.seed or s.seed, 0)
   check(C.ts_data_loader_set_state(loader_handle(self), c))
 end
 

@@ -34,22 +34,10 @@ local function optional(t, what)
   return handle(t, what)
 end
 
-local function number(what, name, v, default)
-  if v == nil then return default end
-  if type(v) ~= 'number' or v ~= v then
-    error(string.format('%s: %s must be a number, got %s', what, name, tostring(v)), 0)
-  end
-  return v
-end
-
-local function flag(what, name, v, default)
-  if v == nil then return default end
-  if type(v) ~= 'boolean' then error(string.format('%s: %s must be a boolean, got %s', what, name, type(v)), 0) end
-  return v
-end
+local check_number, check_boolean = core.check_number, core.check_boolean
 
 local function probability(what, p, default)
-  p = number(what, 'p', p, default)
+  p = check_number(what, 'p', p, default)
   if p < 0 or p > 1 then error(string.format('%s: p must be in [0, 1], got %s', what, tostring(p)), 0) end
   return p
 end
@@ -104,20 +92,20 @@ end
 function F.layer_norm(x, normalized_shape, w, b, eps)
   local nnorm = normalized_dims(x, normalized_shape)
   return wrap(C.ts_layer_norm(x.h, nnorm, optional(w, 'layer_norm'), optional(b, 'layer_norm'),
-    number('layer_norm', 'eps', eps, 1e-5)))
+    check_number('layer_norm', 'eps', eps, 1e-5)))
 end
 
 function F.batch_norm(x, running_mean, running_var, w, b, training, momentum, eps)
   local what = 'batch_norm'
   return wrap(C.ts_batch_norm(handle(x, what), optional(running_mean, what), optional(running_var, what),
-    optional(w, what), optional(b, what), flag(what, 'training', training, false) and 1 or 0,
-    number(what, 'momentum', momentum, 0.1), number(what, 'eps', eps, 1e-5)))
+    optional(w, what), optional(b, what), check_boolean(what, 'training', training, false) and 1 or 0,
+    check_number(what, 'momentum', momentum, 0.1), check_number(what, 'eps', eps, 1e-5)))
 end
 
 function F.group_norm(x, num_groups, w, b, eps)
   local what = 'group_norm'
   return wrap(C.ts_group_norm(handle(x, what), core.int(num_groups, 'group_norm num_groups'), optional(w, what),
-    optional(b, what), number(what, 'eps', eps, 1e-5)))
+    optional(b, what), check_number(what, 'eps', eps, 1e-5)))
 end
 
 -- ---- softmax -----------------------------------------------------------------------------------
@@ -130,14 +118,15 @@ T.softmax, T.log_softmax = F.softmax, F.log_softmax
 function F.dropout(x, p, training, gen)
   local what = 'dropout'
   p = probability(what, p, 0.5)
-  return wrap(C.ts_dropout(handle(x, what), p, flag(what, 'training', training, true) and 1 or 0, generator(what, gen)))
+  local training_flag = check_boolean(what, 'training', training, true) and 1 or 0
+  return wrap(C.ts_dropout(handle(x, what), p, training_flag, generator(what, gen)))
 end
 
 function F.drop_path(x, p, training, scale_by_keep, gen)
   local what = 'drop_path'
   p = probability(what, p, 0)
-  return wrap(C.ts_drop_path(handle(x, what), p, flag(what, 'training', training, false) and 1 or 0,
-    flag(what, 'scale_by_keep', scale_by_keep, true) and 1 or 0, generator(what, gen)))
+  return wrap(C.ts_drop_path(handle(x, what), p, check_boolean(what, 'training', training, false) and 1 or 0,
+    check_boolean(what, 'scale_by_keep', scale_by_keep, true) and 1 or 0, generator(what, gen)))
 end
 
 -- ---- losses ------------------------------------------------------------------------------------
@@ -146,7 +135,7 @@ function F.cross_entropy(logits, target, opts)
   local what = 'cross_entropy'
   local o = core.options(what, opts, cross_entropy_options)
   local ignore = o.ignore_index == nil and -100 or core.int(o.ignore_index, 'cross_entropy ignore_index')
-  local smoothing = number(what, 'label_smoothing', o.label_smoothing, 0)
+  local smoothing = check_number(what, 'label_smoothing', o.label_smoothing, 0)
   if smoothing < 0 or smoothing > 1 then
     error(string.format('cross_entropy: label_smoothing must be in [0, 1], got %s', tostring(smoothing)), 0)
   end
@@ -169,7 +158,7 @@ local smooth_l1_options = { beta = true, reduction = true }
 function F.smooth_l1_loss(a, b, opts)
   local what = 'smooth_l1_loss'
   local o = core.options(what, opts, smooth_l1_options)
-  local beta = number(what, 'beta', o.beta, 1)
+  local beta = check_number(what, 'beta', o.beta, 1)
   if beta < 0 then error(string.format('smooth_l1_loss: beta must be non-negative, got %s', tostring(beta)), 0) end
   return wrap(C.ts_smooth_l1_loss(handle(a, what), handle(b, what), beta, reduction(what, o.reduction)))
 end

@@ -11,20 +11,13 @@ local wrap, handle, check = core.wrap, core.handle, core.check
 
 local image = {}
 
-local function path_arg(path, what)
-  if type(path) ~= 'string' then
-    error(string.format('%s: path must be a string, got %s', what, type(path)), 0)
-  end
-  return path
-end
-
 function image.read_png(path)
-  return wrap(C.ts_png_read(path_arg(path, 'read_png')))
+  return wrap(C.ts_png_read(core.check_string('read_png', 'path', path)))
 end
 
 -- Returns the path, so that a caller can chain it into a log line.
 function image.write_png(path, img)
-  path_arg(path, 'write_png')
+  core.check_string('write_png', 'path', path)
   check(C.ts_png_write(path, handle(img, 'write_png')))
   return path
 end

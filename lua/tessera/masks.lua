@@ -35,17 +35,7 @@ local function generator_handle(g, what)
   return g.h
 end
 
-local function count_arg(x, what, name)
-  if not core.is_integer(x) or x < 0 then
-    error(string.format('%s: %s must be a non-negative integer, got %s', what, name, tostring(x)), 0)
-  end
-  return x
-end
-
-local function number_arg(x, what, name)
-  if type(x) ~= 'number' then error(string.format('%s: %s must be a number, got %s', what, name, type(x)), 0) end
-  return x
-end
+local check_integer, check_number = core.check_integer, core.check_number
 
 -- ---- the Mask object ---------------------------------------------------------------------------
 local Mask = {}
@@ -119,14 +109,14 @@ end
 
 -- ---- generators --------------------------------------------------------------------------------
 local function grid_args(n, h, w, what)
-  return count_arg(n, what, 'n'), count_arg(h, what, 'h'), count_arg(w, what, 'w')
+  return check_integer(what, 'n', n, 0), check_integer(what, 'h', h, 0), check_integer(what, 'w', w, 0)
 end
 
 -- A mask tensor's h x w: from opts, else the square grid of its row length.
 local function grid_of(t, opts, what)
   local l = t.shape[2]
   if opts.h or opts.w then
-    local h, w = count_arg(opts.h, what, 'h'), count_arg(opts.w, what, 'w')
+    local h, w = check_integer(what, 'h', opts.h, 0), check_integer(what, 'w', opts.w, 0)
     if h * w ~= l then error(string.format('%s: a %d x %d grid has %d patches, the mask has %d', what, h, w, h * w, l), 0) end
     return h, w
   end
@@ -141,7 +131,7 @@ function masks.random(n, h, w, opts)
   local what = 'masks.random'
   opts = core.options(what, opts, { 'ratio', 'noise', 'generator' })
   n, h, w = grid_args(n, h, w, what)
-  local ratio = number_arg(opts.ratio or 0.75, what, 'ratio')
+  local ratio = check_number(what, 'ratio', opts.ratio or 0.75)
   local t
   if opts.noise ~= nil then
     local noise = handle(opts.noise, what)
@@ -161,7 +151,7 @@ local function group_strategy(kind, strategy)
   return function(n, h, w, opts)
     opts = core.options(what, opts, { 'ratio', 'generator' })
     n, h, w = grid_args(n, h, w, what)
-    local ratio = number_arg(opts.ratio or 0.75, what, 'ratio')
+    local ratio = check_number(what, 'ratio', opts.ratio or 0.75)
     local t = wrap(C.ts_mask_generate(kind, n, h, w, ratio, generator_handle(opts.generator, what)))
     return new_mask { mask = t, h = h, w = w, strategy = strategy, ratio = 0.75 }
   end
@@ -173,11 +163,11 @@ masks.uniform = group_strategy(C.TS_MASK_UNIFORM, 'uniform')
 function masks.simmim(n, opts)
   local what = 'masks.simmim'
   opts = core.options(what, opts, { 'input_size', 'mask_patch_size', 'model_patch_size', 'ratio', 'generator' })
-  n = count_arg(n, what, 'n')
-  local input = count_arg(opts.input_size or 192, what, 'input_size')
-  local mask_patch = count_arg(opts.mask_patch_size or 32, what, 'mask_patch_size')
-  local model_patch = count_arg(opts.model_patch_size or 4, what, 'model_patch_size')
-  local ratio = number_arg(opts.ratio or 0.6, what, 'ratio')
+  n = check_integer(what, 'n', n, 0)
+  local input = check_integer(what, 'input_size', opts.input_size or 192, 0)
+  local mask_patch = check_integer(what, 'mask_patch_size', opts.mask_patch_size or 32, 0)
+  local model_patch = check_integer(what, 'model_patch_size', opts.model_patch_size or 4, 0)
+  local ratio = check_number(what, 'ratio', opts.ratio or 0.6)
   local t = wrap(C.ts_mask_simmim(n, input, mask_patch, model_patch, ratio, generator_handle(opts.generator, what)))
   local side = model_patch > 0 and math.floor(input / model_patch) or 0
   return new_mask { mask = t, h = side, w = side, strategy = 'simmim', ratio = ratio,
@@ -204,7 +194,7 @@ function masks.secondary(m, opts)
   local formula = opts.formula or 'swin'
   local id = formulas[formula]
   if id == nil then error(string.format("%s: formula must be 'swin' or 'vit', got %s", what, tostring(formula)), 0) end
-  local ratio = number_arg(opts.ratio or 0.25, what, 'ratio')
+  local ratio = check_number(what, 'ratio', opts.ratio or 0.25)
   local noise = opts.noise ~= nil and handle(opts.noise, what) or nil
   local out_new, out_vis = ffi.new('ts_tensor*[1]'), ffi.new('ts_tensor*[1]')
   check(C.ts_mask_secondary(handle(base.mask, what), noise, ratio, id, generator_handle(opts.generator, what),
@@ -233,7 +223,8 @@ end
 function T.uniform_compact(x, mask, patch_tokens)
   local what = 'uniform_compact'
   if is_mask(mask) then mask = mask.mask end
-  return wrap(C.ts_uniform_compact(handle(x, what), handle(mask, what), count_arg(patch_tokens, what, 'patch_tokens')))
+  return wrap(C.ts_uniform_compact(handle(x, what), handle(mask, what),
+    check_integer(what, 'patch_tokens', patch_tokens, 0)))
 end
 masks.compact = T.uniform_compact
 
@@ -316,7 +307,7 @@ local GAP = 2  -- white pixels between panels
 function masks.render(path, img, mask_list, opts)
   local what = 'masks.render'
   opts = core.options(what, opts, { 'labels', 'denormalize', 'index', 'original', 'h', 'w' })
-  if type(path) ~= 'string' then error(what .. ': path must be a string, got ' .. type(path), 0) end
+  core.check_string(what, 'path', path)
   if is_mask(mask_list) or core.is_tensor(mask_list) then mask_list = { mask_list } end
   if type(mask_list) ~= 'table' then error(what .. ': expected a Mask or a list of masks, got ' .. type(mask_list), 0) end
   local planes, hh, ww = image_planes(img, opts, what)
@@ -359,7 +350,7 @@ function masks.show_string(img, m, opts)
   local removed, secondary, gh, gw = nil, nil, 1, 1
   if m ~= nil then removed, secondary, gh, gw = mask_tables(m, opts.index or 0, opts, what) end
   local pixel = masked_pixels(planes, hh, ww, removed, secondary, gh, gw, what)
-  local cols = math.min(count_arg(opts.width or 64, what, 'width'), ww)
+  local cols = math.min(check_integer(what, 'width', opts.width or 64, 0), ww)
   if cols < 1 then error(what .. ': width must be at least 1', 0) end
   local rows = math.max(2, 2 * math.floor(cols * hh / ww / 2 + 0.5))
   local function average(oy, ox)

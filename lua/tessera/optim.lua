@@ -24,33 +24,8 @@ T.optim = optim
 -- ---- argument checks -----------------------------------------------------------------------------
 local function is_number(x) return type(x) == 'number' and x == x end
 
-local function check_nonnegative(what, name, v)
-  if not is_number(v) or v < 0 or v == math.huge then
-    error(string.format('%s: %s must be a finite number >= 0, got %s', what, name, tostring(v)), 0)
-  end
-  return v
-end
-
-local function check_positive(what, name, v)
-  if not is_number(v) or v <= 0 or v == math.huge then
-    error(string.format('%s: %s must be a finite number > 0, got %s', what, name, tostring(v)), 0)
-  end
-  return v
-end
-
-local function check_count(what, name, v, min)
-  if not core.is_integer(v) or v < min then
-    error(string.format('%s: %s must be an integer >= %d, got %s', what, name, min, tostring(v)), 0)
-  end
-  return v
-end
-
-local function check_boolean(what, name, v)
-  if type(v) ~= 'boolean' then
-    error(string.format('%s: %s must be a boolean, got %s', what, name, tostring(v)), 0)
-  end
-  return v
-end
+local check_nonnegative, check_positive, check_integer, check_boolean =
+  core.check_nonnegative, core.check_positive, core.check_integer, core.check_boolean
 
 local function check_betas(what, betas)
   if type(betas) ~= 'table' or core.is_tensor(betas) or #betas ~= 2 then
@@ -293,7 +268,7 @@ local function load_state_entry(self, what, index, entry, p)
       out[k] = v:detach():to({ dtype = state_dtype(p), device = p.device }):clone()
     elseif k == 'step' then
       local step = core.is_tensor(v) and v:item() or v
-      check_count(what, string.format('state %d step', index), step, 0)
+      check_integer(what, string.format('state %d step', index), step, 0)
       out[k] = step
     else
       error(string.format('%s: state %d %s must be a tensor, got %s', what, index, k, type(v)), 0)
@@ -605,7 +580,7 @@ function optim.layer_id_for_stages(depths)
   local what = 'layer_id_for_stages'
   if type(depths) ~= 'table' or #depths == 0 then error(what .. ': depths must be a non-empty list of block counts', 0) end
   local before = { [0] = 0 } -- before[s]: blocks in stages 1..s
-  for s, d in ipairs(depths) do before[s] = before[s - 1] + check_count(what, 'depths[' .. s .. ']', d, 0) end
+  for s, d in ipairs(depths) do before[s] = before[s - 1] + check_integer(what, 'depths[' .. s .. ']', d, 0) end
   local function stage_of(s, name)
     if s < 1 or s > #depths then
       error(string.format("%s: parameter '%s' names stage %d, but depths lists %d stages", what, name, s - 1, #depths), 0)
@@ -669,7 +644,7 @@ function optim.param_groups_lrd(model, opts)
   end
   layer_id = layer_id or optim.layer_id_for_vit
   if type(layer_id) ~= 'function' then error(what .. ': layer_id must be a function(name, num_layers)', 0) end
-  num_layers = check_count(what, 'num_layers', num_layers or count_vit_layers(named), 0)
+  num_layers = check_integer(what, 'num_layers', num_layers or count_vit_layers(named), 0)
   local groups, by_name = {}, {}
   for _, e in ipairs(named) do
     local name, p = e[1], e[2]
@@ -706,11 +681,6 @@ local function warmup_args(what, o)
   return base, warmup
 end
 
-local function check_epoch(what, epoch)
-  if not is_number(epoch) then error(string.format('%s: epoch must be a number, got %s', what, tostring(epoch)), 0) end
-  return epoch
-end
-
 -- MAE's util/lr_sched: linear warmup from 0 to base_lr over warmup_epochs, then a half-cycle
 -- cosine from base_lr down to min_lr at `epochs` (held at min_lr after that).
 function lr_schedule.cosine_warmup(o)
@@ -724,7 +694,7 @@ function lr_schedule.cosine_warmup(o)
       tostring(warmup)), 0)
   end
   return function(epoch)
-    check_epoch(what, epoch)
+    core.check_number(what, 'epoch', epoch)
     if epoch < warmup then return base * epoch / warmup end
     if epoch >= epochs then return min_lr end
     return min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
@@ -751,7 +721,7 @@ function lr_schedule.step(o)
     end
   end
   return function(epoch)
-    check_epoch(what, epoch)
+    core.check_number(what, 'epoch', epoch)
     if epoch < warmup then return base * epoch / warmup end
     local passed = 0
     if step_size then
@@ -769,7 +739,7 @@ function lr_schedule.constant(o)
   o = core.options(what, o, { base_lr = true, warmup_epochs = true })
   local base, warmup = warmup_args(what, o)
   return function(epoch)
-    check_epoch(what, epoch)
+    core.check_number(what, 'epoch', epoch)
     if epoch < warmup then return base * epoch / warmup end
     return base
   end
@@ -783,7 +753,7 @@ function optim.adjust_learning_rate(optimizer, epoch, schedule)
     error(what .. ': expected an optimizer', 0)
   end
   if type(schedule) ~= 'function' then error(what .. ': schedule must be a function of the epoch', 0) end
-  local lr = schedule(check_epoch(what, epoch))
+  local lr = schedule(core.check_number(what, 'epoch', epoch))
   check_nonnegative(what, 'the scheduled lr', lr)
   for _, g in ipairs(optimizer.param_groups) do g.lr = lr * (g.lr_scale or 1) end
   return lr
@@ -804,7 +774,7 @@ Accumulator.__index = Accumulator
 function optim.Accumulator(optimizer, accum_iter, opts)
   local what = 'Accumulator'
   if type(optimizer) ~= 'table' or type(optimizer.step) ~= 'function' then error(what .. ': expected an optimizer', 0) end
-  check_count(what, 'accum_iter', accum_iter, 1)
+  check_integer(what, 'accum_iter', accum_iter, 1)
   opts = core.options(what, opts, { max_norm = true, norm_type = true })
   if opts.max_norm ~= nil then check_nonnegative(what, 'max_norm', opts.max_norm) end
   return setmetatable({ optimizer = optimizer, accum_iter = accum_iter, count = 0, max_norm = opts.max_norm,

@@ -24,13 +24,6 @@ local function is_options(x)
   return type(x) == 'table' and not core.is_tensor(x) and x[1] == nil and next(x) ~= nil
 end
 
-local function check_bool(what, name, v)
-  if v ~= nil and type(v) ~= 'boolean' then
-    error(string.format('%s: %s must be a boolean, got %s', what, name, type(v)), 0)
-  end
-  return v == true
-end
-
 -- A dim as a C int: an integer that fits, so that a huge value is not wrapped into a valid dim.
 local function dim_int(what, d)
   core.int(d, what)
@@ -68,7 +61,7 @@ local function split_args(what, dim, second, valid)
     opts = { keepdim = second }
   end
   core.options(what, opts, valid)
-  return dim, check_bool(what, 'keepdim', opts.keepdim), opts
+  return dim, core.check_boolean(what, 'keepdim', opts.keepdim, false), opts
 end
 
 -- The C handle to reduce, converted first when opts.dtype asks (as PyTorch's dtype argument),
@@ -127,10 +120,10 @@ local function variance(name, take_sqrt)
       error(name .. ': give either unbiased or correction, not both', 0)
     end
     local correction = 1
-    if opts.unbiased ~= nil then correction = check_bool(name, 'unbiased', opts.unbiased) and 1 or 0 end
+    if opts.unbiased ~= nil then correction = core.check_boolean(name, 'unbiased', opts.unbiased) and 1 or 0 end
     if opts.correction ~= nil then correction = core.int(opts.correction, name .. ' correction') end
     local arr, n = dims_arg(name, dim)
-    local kd = check_bool(name, 'keepdim', opts.keepdim)
+    local kd = core.check_boolean(name, 'keepdim', opts.keepdim, false)
     return wrap(C.ts_var(handle(t, name), n, arr, correction, kd and 1 or 0, take_sqrt and 1 or 0))
   end
 end
@@ -164,7 +157,7 @@ function Tensor.norm(t, p, dim, keepdim)
   end
   local order = norm_order(p)
   local arr, n = dims_arg('norm', dim)
-  local kd = check_bool('norm', 'keepdim', keepdim)
+  local kd = core.check_boolean('norm', 'keepdim', keepdim, false)
   return wrap(C.ts_norm(handle(t, 'norm'), order, n, arr, kd and 1 or 0))
 end
 T.norm = Tensor.norm
@@ -177,7 +170,7 @@ local function single_dim_args(what, dim, keepdim)
     dim, keepdim = dim.dim, dim.keepdim
   end
   if dim ~= nil then dim_int(what, dim) end
-  return dim, check_bool(what, 'keepdim', keepdim)
+  return dim, core.check_boolean(what, 'keepdim', keepdim, false)
 end
 
 local function extreme(name, largest, elementwise)

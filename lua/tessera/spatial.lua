@@ -45,11 +45,7 @@ local function pair(what, name, v, default)
     type(v) == 'table' and ('a table of ' .. #v) or tostring(v)), 0)
 end
 
-local function boolean(what, name, v, default)
-  if v == nil then return default end
-  if type(v) ~= 'boolean' then error(string.format('%s: %s must be a boolean, got %s', what, name, type(v)), 0) end
-  return v
-end
+local check_boolean = core.check_boolean
 
 -- ---- conv2d ------------------------------------------------------------------------------------
 local conv_options = set_of('stride', 'padding', 'dilation', 'groups')
@@ -103,8 +99,8 @@ function F.avg_pool2d(x, kernel_size, opts)
   local kh, kw = pair('avg_pool2d', 'kernel_size', kernel_size)
   local sh, sw = pair('avg_pool2d', 'stride', opts.stride, { kh, kw })
   local ph, pw = pair('avg_pool2d', 'padding', opts.padding, 0)
-  local ceil = boolean('avg_pool2d', 'ceil_mode', opts.ceil_mode, false)
-  local include = boolean('avg_pool2d', 'count_include_pad', opts.count_include_pad, true)
+  local ceil = check_boolean('avg_pool2d', 'ceil_mode', opts.ceil_mode, false)
+  local include = check_boolean('avg_pool2d', 'count_include_pad', opts.count_include_pad, true)
   return wrap(C.ts_avg_pool2d(handle(x, 'avg_pool2d'), kh, kw, sh, sw, ph, pw, ceil and 1 or 0, include and 1 or 0))
 end
 
@@ -114,7 +110,7 @@ function F.max_pool2d(x, kernel_size, opts)
   local sh, sw = pair('max_pool2d', 'stride', opts.stride, { kh, kw })
   local ph, pw = pair('max_pool2d', 'padding', opts.padding, 0)
   local dh, dw = pair('max_pool2d', 'dilation', opts.dilation, 1)
-  local ceil = boolean('max_pool2d', 'ceil_mode', opts.ceil_mode, false)
+  local ceil = check_boolean('max_pool2d', 'ceil_mode', opts.ceil_mode, false)
   return wrap(C.ts_max_pool2d(handle(x, 'max_pool2d'), kh, kw, sh, sw, ph, pw, dh, dw, ceil and 1 or 0))
 end
 
@@ -127,14 +123,9 @@ end
 local interpolate_options = set_of('size', 'scale_factor', 'mode', 'align_corners', 'recompute_scale_factor')
 local modes = { nearest = C.TS_INTERP_NEAREST, bilinear = C.TS_INTERP_BILINEAR }
 
--- A positive number or an {h, w} pair of them.
+-- A finite positive number or an {h, w} pair of them.
 local function scale_pair(v)
-  local function positive(s)
-    if type(s) ~= 'number' or not (s > 0) or s == math.huge then
-      error(string.format('interpolate: scale_factor must be positive and finite, got %s', tostring(s)), 0)
-    end
-    return s
-  end
+  local function positive(s) return core.check_positive('interpolate', 'scale_factor', s) end
   if type(v) == 'table' and not core.is_tensor(v) and #v == 2 then return positive(v[1]), positive(v[2]) end
   if type(v) == 'table' then error('interpolate: scale_factor must be a number or a pair {h, w}', 0) end
   return positive(v), positive(v)
@@ -149,8 +140,8 @@ function F.interpolate(x, opts)
   if opts.align_corners ~= nil and mode ~= 'bilinear' then
     error(string.format("interpolate: align_corners can only be set with the bilinear mode, not '%s'", mode), 0)
   end
-  local align = boolean('interpolate', 'align_corners', opts.align_corners, false)
-  local recompute = boolean('interpolate', 'recompute_scale_factor', opts.recompute_scale_factor, false)
+  local align = check_boolean('interpolate', 'align_corners', opts.align_corners, false)
+  local recompute = check_boolean('interpolate', 'recompute_scale_factor', opts.recompute_scale_factor, false)
   if (opts.size == nil) == (opts.scale_factor == nil) then
     error('interpolate: give exactly one of size and scale_factor', 0)
   end
