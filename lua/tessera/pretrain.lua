@@ -108,6 +108,7 @@ function P.train(cfg, run, method)
   local images_seen = 0
   for epoch = start_epoch, cfg.epochs - 1 do
     loader:set_epoch(epoch)
+    accum:reset() -- as MAE: every epoch starts with no gradients (a partial window is dropped)
     local it = 0
     for imgs in loader:iter() do
       if it >= iters then break end
@@ -117,7 +118,7 @@ function P.train(cfg, run, method)
         local loss = P.in_precision(cfg, method.step, model, imgs:to(cfg.device), mask)
         local value = loss:item()
         run:check_loss(value, step)
-        accum:backward(loss / cfg.accum_iter)
+        accum:backward(loss) -- the accumulator divides by accum_iter
         step, images_seen = step + 1, images_seen + imgs:size(0)
         losses.x[#losses.x + 1], losses.y[#losses.y + 1] = step, value
         local current_lr = optimizer.param_groups[1].lr
@@ -125,15 +126,15 @@ function P.train(cfg, run, method)
           images_per_s = images_seen / math.max(clock() - started, 1e-9) }
         if step % cfg.log_every == 0 then run:log{ epoch = epoch, iter = it, step = step, loss = value, lr = current_lr } end
         -- only at the end of an accumulation window: a checkpoint holds no half-summed gradients
-        if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step % cfg.accum_iter == 0 then
+        if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and accum:at_window_start() then
           run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = epoch, iter = it + 1,
             extra = { loss0 = loss0, losses = losses } }
         end
         -- a time-boxed run (stop_after steps in this process) leaves a checkpoint to resume from
-        if cfg.stop_after > 0 and step - first_step >= cfg.stop_after then
+        if cfg.stop_after > 0 and step - first_step >= cfg.stop_after and accum:at_window_start() then
           run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = epoch, iter = it + 1,
             extra = { loss0 = loss0, losses = losses } }
-          run:summary(string.format('stopped after %d steps (stop_after); resume with --resume %s', cfg.stop_after,
+          run:summary(string.format('stopped after %d steps (stop_after); resume with --resume %s', step - first_step,
             run.output_dir .. '/checkpoint.safetensors'))
           return { loss0 = loss0, steps = step, stopped = true }
         end
