@@ -109,8 +109,11 @@ describe('state dicts', function()
     local err = S.assert_error(function() net:load_state_dict(sd) end, 'missing keys: norm.weight',
       'unexpected keys: head.weight', 'norm.bias (checkpoint [9], model [8])')
     assert.truthy(err:find('Net', 1, true))
+    -- a shape mismatch is an error even when not strict (as PyTorch); missing and unexpected are not
+    S.assert_error(function() net:load_state_dict(sd, { strict = false }) end, 'norm.bias (checkpoint [9], model [8])')
+    sd['norm.bias'] = nil
     local report = net:load_state_dict(sd, { strict = false })
-    assert.same({ 'norm.weight' }, report.missing_keys)
+    assert.same({ 'norm.bias', 'norm.weight' }, report.missing_keys)
     assert.same({ 'head.weight' }, report.unexpected_keys)
   end)
 
@@ -168,5 +171,33 @@ describe('initializers', function()
     local conv = nn.Conv2d(4, 8, 3)
     assert.same({ 8, 4, 3, 3 }, conv.weight:size())
     assert.is_true(conv.weight:abs():amax():item() <= 1 / math.sqrt(36) + 1e-7)
+  end)
+end)
+
+describe('Module edge cases', function()
+  it('refuses a name already used by another kind, and plain tensors over parameters', function()
+    local m = nn.Module:extend('M')()
+    m.x = nn.Buffer(T.zeros(2))
+    S.assert_error(function() m.x = nn.Parameter(T.ones(3)) end, "'x' is already a buffer of M")
+    m.w = nn.Parameter(T.ones(2))
+    S.assert_error(function() m.w = nn.Identity() end, "'w' is already a parameter of M")
+    S.assert_error(function() m.w = T.zeros(2) end, "plain tensor to parameter 'w'", 'nn.Parameter')
+    m.w = nil -- clears it, as PyTorch
+    assert.is_nil(m.w)
+    m.w = nn.Parameter(T.ones(2))
+    assert.same({ 'w' }, (function() local n = {} for k in m:named_parameters() do n[#n + 1] = k end return n end)())
+  end)
+
+  it('lists tied parameters once and keeps them tied through to()', function()
+    local a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    b.weight = nn.Parameter(a.weight)
+    local s = nn.Sequential(a, b)
+    assert.equal(3, #s:parameters()) -- a.weight (= b.weight), a.bias, b.bias
+    T.optim.AdamW(s:parameters()) -- no duplicate-parameter error
+    a.weight.grad = T.ones(2, 2)
+    s:to('float64')
+    assert.equal('float64', a.weight.dtype)
+    assert.is_true(a.weight:shares_storage(b.weight))
+    assert.equal('float64', a.weight.grad.dtype)
   end)
 end)

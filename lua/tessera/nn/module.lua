@@ -59,8 +59,16 @@ local function instance_index(class)
   end
 end
 
-local function register(list, order, name, value)
-  if list[name] == nil then order[#order + 1] = name end
+-- Registers value under name as a `kind` (parameter, buffer, module); a name another kind or a
+-- plain attribute already uses is an error, as in PyTorch. Order is that of first registration.
+local function register(self, what, kind, list, order, name, value)
+  local s = rawget(self, '__s')
+  local taken = s.kind_of[name] or (s.fields[name] ~= nil and 'attribute')
+  if taken and taken ~= kind then
+    error(string.format("%s: '%s' is already a %s of %s", what, name, taken, self.__name), 3)
+  end
+  if not s.kind_of[name] then order[#order + 1] = name end
+  s.kind_of[name] = kind
   list[name] = value
 end
 
@@ -73,15 +81,18 @@ local function instance_newindex(self, k, v)
     self:register_buffer(k, v.tensor, v.persistent)
   elseif is_module(v) then
     self:add_module(k, v)
-  elseif s.params[k] ~= nil then
-    -- replacing a parameter's tensor keeps it a parameter (as PyTorch does for Parameters)
-    if not core.is_tensor(v) then error(string.format("cannot assign %s to parameter '%s'", type(v), k), 2) end
-    s.params[k] = v
-  elseif s.persistent[k] ~= nil then -- a registered buffer, possibly nil until now
+  elseif s.kind_of[k] == 'parameter' then
+    -- as PyTorch: a parameter takes another Parameter, or nil (it stays registered, empty)
+    if v ~= nil then
+      error(string.format("cannot assign a %s to parameter '%s' of %s (wrap it: nn.Parameter(t); or nil to clear it)",
+        core.is_tensor(v) and 'plain tensor' or type(v), k, self.__name), 2)
+    end
+    s.params[k] = nil
+  elseif s.kind_of[k] == 'buffer' then -- a registered buffer, possibly nil until now
     s.buffers[k] = v
-  elseif s.children[k] ~= nil then
+  elseif s.kind_of[k] == 'module' then
     if v ~= nil then error(string.format("cannot assign %s to child module '%s'", type(v), k), 2) end
-    s.children[k] = nil
+    s.children[k], s.kind_of[k] = nil, nil
     for i, name in ipairs(s.child_order) do
       if name == k then table.remove(s.child_order, i) break end
     end
@@ -109,7 +120,7 @@ end
 function Module:new(...)
   local self = setmetatable({ __s = {
     fields = { training = true }, params = {}, param_order = {}, buffers = {}, buffer_order = {},
-    persistent = {}, children = {}, child_order = {},
+    persistent = {}, children = {}, child_order = {}, kind_of = {}, -- kind_of[name]: parameter|buffer|module
   } }, self.__mt)
   if self.__init then self:__init(...) end
   return self
@@ -135,14 +146,14 @@ function Module:register_parameter(name, t, requires_grad)
     if requires_grad ~= false and t:is_floating_point() then t:requires_grad_(true) end
   end
   local s = state(self)
-  register(s.params, s.param_order, name, t)
+  register(self, 'register_parameter', 'parameter', s.params, s.param_order, name, t)
   return t
 end
 
 function Module:register_buffer(name, t, persistent)
   check_name('register_buffer', name)
   local s = state(self)
-  register(s.buffers, s.buffer_order, name, t)
+  register(self, 'register_buffer', 'buffer', s.buffers, s.buffer_order, name, t)
   s.persistent[name] = persistent ~= false
   return t
 end
@@ -151,7 +162,7 @@ function Module:add_module(name, m)
   check_name('add_module', name)
   if m ~= nil and not is_module(m) then error('add_module: ' .. name .. ' is not a module', 2) end
   local s = state(self)
-  register(s.children, s.child_order, name, m)
+  register(self, 'add_module', 'module', s.children, s.child_order, name, m)
   return m
 end
 
@@ -189,20 +200,31 @@ local function iterate(list)
   end
 end
 
-function Module:named_parameters() return iterate(collect(self, 'params')) end
-function Module:named_buffers() return iterate(collect(self, 'buffers')) end
-
-function Module:parameters()
-  local out = {}
-  for _, e in ipairs(collect(self, 'params')) do out[#out + 1] = e[2] end
+-- The entries of collect() with each tensor once (tied weights appear under their first name),
+-- as PyTorch's named_parameters() does.
+local function unique(list)
+  local seen, out = {}, {}
+  for _, e in ipairs(list) do
+    local key = tostring(e[2].h) -- the C tensor: one parameter may sit in several modules
+    if not seen[key] then
+      seen[key] = true
+      out[#out + 1] = e
+    end
+  end
   return out
 end
 
-function Module:buffers()
+function Module:named_parameters() return iterate(unique(collect(self, 'params'))) end
+function Module:named_buffers() return iterate(unique(collect(self, 'buffers'))) end
+
+local function tensors_of(list)
   local out = {}
-  for _, e in ipairs(collect(self, 'buffers')) do out[#out + 1] = e[2] end
+  for _, e in ipairs(list) do out[#out + 1] = e[2] end
   return out
 end
+
+function Module:parameters() return tensors_of(unique(collect(self, 'params'))) end
+function Module:buffers() return tensors_of(unique(collect(self, 'buffers'))) end
 
 function Module:named_children()
   local s, i = state(self), 0
@@ -325,8 +347,8 @@ function Module:load_state_dict(sd, opts)
     end
   end
   table.sort(missing)
-  local problems = #missing + #unexpected + #mismatched
-  if strict and problems > 0 then
+  -- shape mismatches are errors even when not strict, as in PyTorch
+  if #mismatched > 0 or (strict and #missing + #unexpected > 0) then
     local parts = {}
     if #missing > 0 then parts[#parts + 1] = 'missing keys: ' .. table.concat(missing, ', ') end
     if #unexpected > 0 then parts[#parts + 1] = 'unexpected keys: ' .. table.concat(unexpected, ', ') end
@@ -357,18 +379,32 @@ function Module:to(a, b)
     if spec.dtype and t:is_floating_point() then target.dtype = spec.dtype end
     return t:to(target)
   end
+  -- a tensor shared by several modules (tied weights) becomes one new tensor, shared again
+  local done = {}
+  local function converted_param(p)
+    local key = tostring(p.h)
+    if done[key] then return done[key] end
+    local q = convert(p)
+    if q.h == p.h then
+      q = p
+    else
+      q = q:detach()
+      if p.requires_grad then q:requires_grad_(true) end
+      local g = p.grad
+      if g ~= nil then q.grad = convert(g) end -- gradients follow, as PyTorch's
+    end
+    done[key] = q
+    return q
+  end
   T.no_grad(function()
     walk(self, '', function(_, m)
       local s = state(m)
-      for name, p in pairs(s.params) do
-        local q = convert(p)
-        if q.h ~= p.h then
-          q = q:detach()
-          if p.requires_grad then q:requires_grad_(true) end
-          s.params[name] = q
-        end
+      for name, p in pairs(s.params) do s.params[name] = converted_param(p) end
+      for name, buf in pairs(s.buffers) do
+        local key = tostring(buf.h)
+        done[key] = done[key] or convert(buf)
+        s.buffers[name] = done[key]
       end
-      for name, buf in pairs(s.buffers) do s.buffers[name] = convert(buf) end
     end)
   end)
   return self
