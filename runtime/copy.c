@@ -49,12 +49,29 @@ static int transfer(ts_tensor *dst, const ts_tensor *src) {
   return st;
 }
 
+ts_tensor *ts_unaliased(ts_tensor *src, const ts_tensor *dst) {
+  int same_layout = src->storage != dst->storage ||
+                    (src->offset == dst->offset && src->ndim == dst->ndim &&
+                     !memcmp(src->shape, dst->shape, (size_t)src->ndim * sizeof(int64_t)) &&
+                     !memcmp(src->stride, dst->stride, (size_t)src->ndim * sizeof(int64_t)));
+  if (same_layout) {
+    ts_retain(src);
+    return src;
+  }
+  int previous = ts_set_grad_enabled(0); /* a private copy, not a step of the graph */
+  ts_tensor *c = ts_clone(src);
+  ts_set_grad_enabled(previous);
+  return c;
+}
+
 static int copy_impl(ts_tensor *dst, const ts_tensor *src) {
   if (check_writable("copy_", dst)) return ts_last_status();
   if (ts_device_equal(dst->device, src->device)) {
     const ts_backend *be = ts_backend_for(dst->device);
     if (!be) return ts_last_status();
-    ts_tensor *view = ts_expand((ts_tensor *)src, dst->ndim, dst->shape);
+    ts_tensor *source = ts_unaliased((ts_tensor *)src, dst); /* x.copy_(x.t()) reads what it writes */
+    ts_tensor *view = source ? ts_expand(source, dst->ndim, dst->shape) : NULL;
+    ts_release(source);
     if (!view) return ts_set_error(TS_ERR_SHAPE, "copy_: source %s cannot be broadcast to destination %s",
                                    ts_tshape(src), ts_tshape(dst));
     int st = be->copy(dst, view);

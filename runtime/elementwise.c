@@ -310,7 +310,11 @@ static ts_tensor *binary_impl(int op, ts_tensor *a, int a_dtype, ts_tensor *b, i
     return TS_FAIL_NULL(TS_ERR_DTYPE, "%s_: result type %s can't be cast to the tensor's dtype %s", name,
                         ts_dtype_name(result), ts_dtype_name(target->dtype));
   int compute = be->compute_dtype(binary_domain(op, a_dtype, b_dtype));
-  binary_args args = {op, as_operand(a, compute, ndim, shape), as_operand(b, compute, ndim, shape)};
+  /* writing into a, b must not be a differently laid out view of a (y.add_(y.t())) */
+  ts_tensor *b_read = target ? ts_unaliased(b, target) : (ts_retain(b), b);
+  if (!b_read) return NULL;
+  binary_args args = {op, as_operand(a, compute, ndim, shape), as_operand(b_read, compute, ndim, shape)};
+  ts_release(b_read);
   ts_tensor *out = NULL;
   if (args.a && args.b)
     out = run_into(target, be, a->device, ndim, shape, result, binary_is_predicate(op) ? TS_BOOL : compute,

@@ -62,6 +62,9 @@ ts_storage *ts_storage_new(size_t nbytes, ts_device dev);
 void ts_storage_release(ts_storage *s);
 void ts_contiguous_strides(int ndim, const int64_t *shape, int64_t *stride);
 int ts_has_internal_overlap(const ts_tensor *t);  /* a written tensor must not have stride-0 dims */
+/* src itself (a new reference), or a private copy when it shares dst's storage with another layout:
+   an op writing dst must not read what it is overwriting (x.copy_(x.t()), y.add_(y.t())). */
+ts_tensor *ts_unaliased(ts_tensor *src, const ts_tensor *dst);
 
 /* ---- host allocator statistics (device allocators report through the same counters) ---------- */
 void ts_stats_on_alloc(ts_device dev, int64_t bytes);

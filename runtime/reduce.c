@@ -425,9 +425,11 @@ static int norm_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
   } else {
     ts_tensor *ratio = sign;
     if (p != 1) {
-      ts_tensor *num = ts_s_binary(&s, TS_MUL, sign, ts_s_scalar(&s, TS_POW, ts_s_unary(&s, TS_ABS, x), p - 1));
-      ts_tensor *den = spread(&s, n, ts_s_scalar(&s, TS_POW, out, p - 1));
       ts_tensor *zero = ts_scope_keep(&s, ts_full(0, NULL, 0, x->dtype, x->device));
+      ts_tensor *num = ts_s_binary(&s, TS_MUL, sign, ts_s_scalar(&s, TS_POW, ts_s_unary(&s, TS_ABS, x), p - 1));
+      /* for p < 1, |0|^(p-1) is inf and sign(0) * inf is NaN: zero elements get 0, as PyTorch */
+      if (p < 1) num = ts_s_where(&s, ts_s_scalar(&s, TS_EQ, x, 0), zero, num);
+      ts_tensor *den = spread(&s, n, ts_s_scalar(&s, TS_POW, out, p - 1));
       /* 0/0 where the whole slice is zero: the gradient is 0 there */
       ratio = ts_s_where(&s, ts_s_scalar(&s, TS_EQ, den, 0), zero, ts_s_binary(&s, TS_DIV, num, den));
     }

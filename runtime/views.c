@@ -176,7 +176,7 @@ ts_tensor *ts_slice(ts_tensor *t, int dim, int64_t start, int64_t stop, int64_t 
     shape[i] = t->shape[i];
     stride[i] = t->stride[i];
   }
-  shape[d] = (stop - start + step - 1) / step;
+  shape[d] = stop > start ? 1 + (stop - start - 1) / step : 0; /* no overflow for huge steps */
   stride[d] = t->stride[d] * step;
   int64_t params[3] = {d, start, step};
   return record_view(t, view_of(t, t->ndim, shape, stride, t->offset + start * t->stride[d]), "slice", VIEW_SLICE, 3, params);
@@ -292,11 +292,13 @@ ts_tensor *ts_as_strided(ts_tensor *t, int ndim, const int64_t *shape, const int
     return TS_FAIL_NULL(TS_ERR_ARG, "as_strided: not differentiable; detach() the input or use view, slice, expand");
   if (ts_check_shape("as_strided", ndim, shape)) return NULL;
   if (offset < 0) return TS_FAIL_NULL(TS_ERR_ARG, "as_strided: negative offset %lld", (long long)offset);
-  int64_t last = offset;
+  int64_t last = offset, span;
   for (int d = 0; d < ndim; d++) {
     if (stride[d] < 0) return TS_FAIL_NULL(TS_ERR_ARG, "as_strided: negative stride %lld", (long long)stride[d]);
     if (shape[d] == 0) last = -1;
-    else if (last >= 0) last += (shape[d] - 1) * stride[d];
+    else if (last >= 0 && (__builtin_mul_overflow(shape[d] - 1, stride[d], &span) || __builtin_add_overflow(last, span, &last)))
+      return TS_FAIL_NULL(TS_ERR_INDEX, "as_strided: view %s with strides %s reaches past any storage (the offsets overflow)",
+                          ts_shape_str(ndim, shape), ts_shape_str(ndim, stride));
   }
   int64_t capacity = (int64_t)(t->storage->nbytes / (size_t)ts_dtype_size(t->dtype));
   if (last >= capacity)
