@@ -75,6 +75,10 @@ void ts_node_release(ts_node *n) {
     if (__atomic_sub_fetch(&cur->refcount, 1, __ATOMIC_ACQ_REL) != 0) continue;
     free_saved(cur);
     ts_release(cur->grad);
+    if (cur->viewed) {
+      __atomic_sub_fetch(&cur->viewed->graph_views, 1, __ATOMIC_RELAXED);
+      ts_storage_release(cur->viewed);
+    }
     for (int k = 0; k < cur->n_inputs; k++) {
       ts_release(cur->edges[k].leaf);
       ts_node *next = cur->edges[k].node;
@@ -151,6 +155,20 @@ int ts_check_inplace(const char *op, ts_tensor *t) {
   if (!grad_disabled && t->grad_fn && t->grad_fn->is_view)
     return ts_set_error(TS_ERR_ARG, "%s: in-place writes to a view (%s) of a tensor that requires grad are not "
                         "supported; build the result out of place (cat, where, index_put)", op, t->grad_fn->name);
+  if (!grad_disabled && t->requires_grad && __atomic_load_n(&t->storage->graph_views, __ATOMIC_RELAXED) > 0)
+    return ts_set_error(TS_ERR_ARG, "%s: %s %s is viewed by tensors in the autograd graph (view, slice, select, ...); "
+                        "writing it in place would leave their gradients wrong: clone() it first or build the "
+                        "result out of place", op, ts_dtype_name(t->dtype), ts_tshape(t));
+  return TS_OK;
+}
+
+/* A write that records a gradient into a view of a tensor outside the graph: the base would never
+   learn of it, so its gradient would be lost (PyTorch rebases the base; tessera refuses). */
+int ts_check_view_write(const char *op, const ts_tensor *dst) {
+  if (!grad_disabled && dst->is_view && !dst->requires_grad)
+    return ts_set_error(TS_ERR_ARG, "%s: writing a tensor that requires grad into a view %s of a tensor that does not "
+                        "would lose the gradient; build the result out of place (cat, where, index_put) or call "
+                        "requires_grad_() on the base first", op, ts_tshape(dst));
   return TS_OK;
 }
 
@@ -417,6 +435,10 @@ ts_tensor *ts_s_where(ts_scope *s, ts_tensor *cond, ts_tensor *a, ts_tensor *b) 
 
 int ts_rebase_inplace(ts_tensor *a, ts_tensor *r) {
   if (!r) return ts_last_status();
+  if (r->requires_grad && ts_check_view_write("in-place op", a)) {
+    ts_release(r);
+    return ts_last_status();
+  }
   int previous = ts_set_grad_enabled(0);
   int st = ts_copy_(a, r);
   ts_set_grad_enabled(previous);

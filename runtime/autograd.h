@@ -44,6 +44,7 @@ struct ts_node {
   uint32_t saved_version[TS_NODE_MAX_SAVED];
   int released;                        /* saved tensors already freed by a backward pass */
   int is_view;                         /* the output shares the input's storage */
+  ts_storage *viewed;                  /* for view nodes: the shared storage, counted in graph_views */
   int64_t i[TS_NODE_MAX_PARAMS];       /* op parameters (dims, sizes, flags) */
   double d[4];
   int64_t *ivec;                       /* variable-length parameters (owned) */
@@ -71,6 +72,8 @@ ts_tensor *ts_detached(ts_tensor *t);
 /* For in-place ops, before writing: refuses leaves that require grad and views of tensors that
    require grad. After writing, the op calls ts_bump_version so saved copies notice. */
 int ts_check_inplace(const char *op, ts_tensor *t);
+/* Before an in-place write whose value requires grad: refuses views of tensors outside the graph. */
+int ts_check_view_write(const char *op, const ts_tensor *dst);
 void ts_bump_version(ts_tensor *t);
 /* In-place ops on tensors in the graph: r is the op's result computed out of place (and recorded);
    it is written into a, a takes over r's history (PyTorch's "rebase") and r is released. */

@@ -133,6 +133,7 @@ static void become_constant(ts_tensor *t) {
 int ts_copy_(ts_tensor *dst, const ts_tensor *src) {
   if (!dst || !src) return ts_set_error(TS_ERR_ARG, "copy_: NULL tensor");
   if (ts_check_inplace("copy_", dst)) return ts_last_status();
+  if (ts_any_requires_grad(1, (ts_tensor *const *)&src) && ts_check_view_write("copy_", dst)) return ts_last_status();
   int st = copy_impl(dst, src);
   if (st) return st;
   become_constant(dst);

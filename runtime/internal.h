@@ -16,6 +16,7 @@ typedef struct ts_storage {
   void (*release)(struct ts_storage *s);
   void *release_ctx;
   uint32_t version;  /* bumped by every in-place write; autograd checks saved tensors against it */
+  int64_t graph_views; /* live autograd view nodes over this storage: in-place writes would bypass them */
 } ts_storage;
 
 struct ts_tensor {
@@ -31,6 +32,7 @@ struct ts_tensor {
   int requires_grad;
   ts_tensor *grad;            /* accumulated gradient of a leaf */
   struct ts_node *grad_fn;    /* the op that made this tensor, when it requires grad */
+  int is_view;                /* made by a view op: shares another tensor's storage */
 };
 
 /* ---- errors: set the thread-local message, return the status (or NULL) ---------------------- */

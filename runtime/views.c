@@ -2,7 +2,9 @@
 #include "autograd.h"
 
 static ts_tensor *view_of(ts_tensor *t, int ndim, const int64_t *shape, const int64_t *stride, int64_t offset) {
-  return ts_tensor_over(t->storage, ndim, shape, stride, offset, t->dtype);
+  ts_tensor *v = ts_tensor_over(t->storage, ndim, shape, stride, offset, t->dtype);
+  if (v) v->is_view = 1;
+  return v;
 }
 
 /* ---- autograd: a view's gradient is the output gradient laid back onto the input's shape ---- */
@@ -49,6 +51,10 @@ static ts_tensor *record_view(ts_tensor *t, ts_tensor *out, const char *name, in
   ts_node *n = ts_grad_node(name, view_backward, 1, &t);
   if (!n) return out;
   n->is_view = 1;
+  /* while this node lives, in-place writes to the storage would bypass it (ts_check_inplace) */
+  n->viewed = t->storage;
+  __atomic_add_fetch(&t->storage->refcount, 1, __ATOMIC_RELAXED);
+  __atomic_add_fetch(&t->storage->graph_views, 1, __ATOMIC_RELAXED);
   n->i[0] = kind;
   for (int k = 0; k < nparams; k++) n->i[1 + k] = params[k];
   return ts_node_finish(n, out);

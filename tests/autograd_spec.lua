@@ -236,3 +236,26 @@ describe('gradients at the edges', function()
     S.assert_close(x.grad, { 0, 3, 1.5 }, 1e-12)
   end)
 end)
+
+describe('in-place writes and views', function()
+  it('refuses to write a graph tensor in place while views of it are in the graph', function()
+    local x = T.tensor({ 1, 2, 3 }, { dtype = 'float64' }):requires_grad_()
+    local y = x * 1
+    local v = y:view(3)
+    S.assert_error(function() y:add_(x) end, 'add', 'viewed by tensors in the autograd graph', 'clone()')
+    v = nil
+    collectgarbage()
+    y:add_(x) -- the view is gone: allowed again
+    y:sum():backward()
+    S.assert_close(x.grad, { 2, 2, 2 })
+  end)
+
+  it('refuses to write a value that requires grad into a view of a tensor outside the graph', function()
+    local w = T.tensor({ 1, 2 }, { dtype = 'float64' }):requires_grad_()
+    local buf = T.zeros({ 4 }, { dtype = 'float64' })
+    S.assert_error(function() buf:slice(0, 0, 2):copy_(w) end, 'copy_', 'would lose the gradient')
+    S.assert_error(function() buf:slice(0, 0, 2):add_(w) end, 'would lose the gradient')
+    T.no_grad(function() buf:slice(0, 0, 2):copy_(w) end) -- no gradient recorded: fine
+    assert.same({ 1, 2, 0, 0 }, buf:totable())
+  end)
+end)
