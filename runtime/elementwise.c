@@ -278,7 +278,12 @@ ts_tensor *ts_unary(int op, ts_tensor *a) { return unary_recorded(op, a); }
 
 int ts_unary_(int op, ts_tensor *a) {
   if (check_writable(ts_unary_op_name(op), a)) return ts_last_status();
-  if (ts_any_requires_grad(1, &a)) return ts_rebase_inplace(a, unary_recorded(op, a));
+  if (ts_any_requires_grad(1, &a)) {
+    if (unary_is_predicate(op))
+      return ts_set_error(TS_ERR_ARG, "%s_: a predicate written in place into a tensor that requires grad cannot be "
+                          "differentiated; use %s() out of place", ts_unary_op_name(op), ts_unary_op_name(op));
+    return ts_rebase_inplace(a, unary_recorded(op, a));
+  }
   ts_tensor *r = unary_impl(op, a, a);
   ts_release(r);
   return done_inplace(a, r);
@@ -326,12 +331,29 @@ static ts_tensor *binary_impl(int op, ts_tensor *a, int a_dtype, ts_tensor *b, i
 
 ts_tensor *ts_binary(int op, ts_tensor *a, ts_tensor *b) { return binary_recorded(op, a, a->dtype, b, b->dtype); }
 
+/* The checks an in-place op on a graph tensor needs before it computes out of place and rebases:
+   the ones binary_impl makes when it writes its target itself. */
+static int check_recorded_inplace(int op, ts_tensor *a, ts_tensor *b, int b_dtype) {
+  const char *name = ts_binary_op_name(op);
+  if (binary_is_predicate(op))
+    return ts_set_error(TS_ERR_ARG, "%s_: a comparison written in place into a tensor that requires grad cannot be "
+                        "differentiated; use %s() out of place", name, name);
+  int result = ts_binary_result_dtype(op, a->dtype, b_dtype), ndim;
+  if (!can_cast(result, a->dtype))
+    return ts_set_error(TS_ERR_DTYPE, "%s_: result type %s can't be cast to the tensor's dtype %s", name,
+                        ts_dtype_name(result), ts_dtype_name(a->dtype));
+  int64_t shape[TS_MAX_DIMS];
+  if (ts_broadcast_shapes(name, a, b, &ndim, shape)) return ts_last_status();
+  if (ndim != a->ndim || memcmp(shape, a->shape, (size_t)ndim * sizeof *shape))
+    return ts_set_error(TS_ERR_SHAPE, "%s_: the result %s of broadcasting %s and %s does not fit the in-place tensor %s",
+                        name, ts_shape_str(ndim, shape), ts_tshape(a), ts_tshape(b), ts_tshape(a));
+  return TS_OK;
+}
+
 int ts_binary_(int op, ts_tensor *a, ts_tensor *b) {
   if (check_writable(ts_binary_op_name(op), a)) return ts_last_status();
   if (ts_any_requires_grad(2, (ts_tensor *[]){a, b})) {
-    if (!can_cast(ts_binary_result_dtype(op, a->dtype, b->dtype), a->dtype))
-      return ts_set_error(TS_ERR_DTYPE, "%s_: result type %s can't be cast to the tensor's dtype %s", ts_binary_op_name(op),
-                          ts_dtype_name(ts_binary_result_dtype(op, a->dtype, b->dtype)), ts_dtype_name(a->dtype));
+    if (check_recorded_inplace(op, a, b, b->dtype)) return ts_last_status();
     return ts_rebase_inplace(a, binary_recorded(op, a, a->dtype, b, b->dtype));
   }
   ts_tensor *r = binary_impl(op, a, a->dtype, b, b->dtype, a);
@@ -371,7 +393,8 @@ int ts_binary_scalar_(int op, ts_tensor *a, double s) {
   ts_tensor *r;
   int st;
   if (ts_any_requires_grad(1, &a)) {
-    st = ts_rebase_inplace(a, binary_recorded(op, a, a->dtype, b, weak));
+    st = check_recorded_inplace(op, a, b, weak);
+    if (!st) st = ts_rebase_inplace(a, binary_recorded(op, a, a->dtype, b, weak));
   } else {
     r = binary_impl(op, a, a->dtype, b, weak, a);
     ts_release(r);

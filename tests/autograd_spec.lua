@@ -259,3 +259,12 @@ describe('in-place writes and views', function()
     assert.same({ 1, 2, 0, 0 }, buf:totable())
   end)
 end)
+
+describe('in-place ops on graph tensors', function()
+  it('name the op when the result does not fit, and refuse comparisons in place', function()
+    local y = T.ones({ 3 }, { dtype = 'float64' }):requires_grad_() * 1
+    S.assert_error(function() T.zeros(3):add_(T.ones(2, 3):requires_grad_()) end, 'add_', 'does not fit')
+    S.assert_error(function() y:gt_(1) end, 'gt_', 'use gt() out of place')
+    S.assert_error(function() y:isnan_() end, 'isnan_', 'out of place')
+  end)
+end)
