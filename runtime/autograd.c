@@ -75,10 +75,6 @@ void ts_node_release(ts_node *n) {
     if (__atomic_sub_fetch(&cur->refcount, 1, __ATOMIC_ACQ_REL) != 0) continue;
     free_saved(cur);
     ts_release(cur->grad);
-    if (cur->viewed) {
-      __atomic_sub_fetch(&cur->viewed->graph_views, 1, __ATOMIC_RELAXED);
-      ts_storage_release(cur->viewed);
-    }
     for (int k = 0; k < cur->n_inputs; k++) {
       ts_release(cur->edges[k].leaf);
       ts_node *next = cur->edges[k].node;

@@ -44,7 +44,6 @@ struct ts_node {
   uint32_t saved_version[TS_NODE_MAX_SAVED];
   int released;                        /* saved tensors already freed by a backward pass */
   int is_view;                         /* the output shares the input's storage */
-  ts_storage *viewed;                  /* for view nodes: the shared storage, counted in graph_views */
   int64_t i[TS_NODE_MAX_PARAMS];       /* op parameters (dims, sizes, flags) */
   double d[4];
   int64_t *ivec;                       /* variable-length parameters (owned) */

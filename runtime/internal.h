@@ -16,7 +16,7 @@ typedef struct ts_storage {
   void (*release)(struct ts_storage *s);
   void *release_ctx;
   uint32_t version;  /* bumped by every in-place write; autograd checks saved tensors against it */
-  int64_t graph_views; /* live autograd view nodes over this storage: in-place writes would bypass them */
+  int64_t graph_views; /* live views recorded by autograd: in-place writes would bypass their history */
 } ts_storage;
 
 struct ts_tensor {
@@ -33,6 +33,7 @@ struct ts_tensor {
   ts_tensor *grad;            /* accumulated gradient of a leaf */
   struct ts_node *grad_fn;    /* the op that made this tensor, when it requires grad */
   int is_view;                /* made by a view op: shares another tensor's storage */
+  int graph_view;             /* a view recorded by autograd, counted in its storage's graph_views */
 };
 
 /* ---- errors: set the thread-local message, return the status (or NULL) ---------------------- */

@@ -191,6 +191,7 @@ void ts_retain(ts_tensor *t) {
 void ts_release(ts_tensor *t) {
   if (!t || __atomic_sub_fetch(&t->refcount, 1, __ATOMIC_ACQ_REL) != 0) return;
   ts_release(t->grad);
+  if (t->graph_view) __atomic_sub_fetch(&t->storage->graph_views, 1, __ATOMIC_RELAXED);
   ts_node_release(t->grad_fn);
   ts_storage_release(t->storage);
   free(t);

@@ -51,9 +51,9 @@ static ts_tensor *record_view(ts_tensor *t, ts_tensor *out, const char *name, in
   ts_node *n = ts_grad_node(name, view_backward, 1, &t);
   if (!n) return out;
   n->is_view = 1;
-  /* while this node lives, in-place writes to the storage would bypass it (ts_check_inplace) */
-  n->viewed = t->storage;
-  __atomic_add_fetch(&t->storage->refcount, 1, __ATOMIC_RELAXED);
+  /* while this view lives, in-place writes to the storage would bypass its history (ts_check_inplace);
+     ts_release takes it off the count */
+  out->graph_view = 1;
   __atomic_add_fetch(&t->storage->graph_views, 1, __ATOMIC_RELAXED);
   n->i[0] = kind;
   for (int k = 0; k < nparams; k++) n->i[1 + k] = params[k];
