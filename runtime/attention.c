@@ -279,13 +279,7 @@ static ts_tensor *record(const attn_shape *s, ts_tensor *out, ts_tensor *const i
   for (int d = 0; d < s->nlead; d++) n->i[1 + d] = s->lead[d];
   for (int d = 0; d < s->nblock; d++) n->i[KEPT + d] = s->bias_dim[d] >= 0;
   ts_tensor *save[6] = {b->q, b->k, b->v, b->bias, b->out, b->lse};
-  for (int i = 0; i < 6; i++)
-    if (ts_node_save(n, save[i])) {
-      ts_node_release(n);
-      ts_release(out);
-      return NULL;
-    }
-  return ts_node_finish(n, out);
+  return ts_node_finish_saving(n, out, 6, save);
 }
 
 /* ---- the entry point -------------------------------------------------------------------------- */
@@ -502,13 +496,7 @@ static ts_tensor *packed_record(const packed_shape *ps, ts_tensor *out, ts_tenso
   for (int d = 0; d < s->nblock; d++) n->i[KEPT + d] = s->bias_dim[d] >= 0;
   n->i[PACKED_HEADS] = ps->heads;
   ts_tensor *save[5] = {b->q, b->kv, b->bias, b->out, b->lse};
-  for (int i = 0; i < 5; i++)
-    if (ts_node_save(n, save[i])) {
-      ts_node_release(n);
-      ts_release(out);
-      return NULL;
-    }
-  return ts_node_finish(n, out);
+  return ts_node_finish_saving(n, out, 5, save);
 }
 
 /* For a device without attention_views: split the heads with views, ts_attention, merge them. */

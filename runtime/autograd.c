@@ -142,6 +142,16 @@ ts_tensor *ts_node_finish(ts_node *n, ts_tensor *out) {
   return out;
 }
 
+ts_tensor *ts_node_finish_saving(ts_node *n, ts_tensor *out, int count, ts_tensor *const *save) {
+  for (int k = 0; n && out && k < count; k++)
+    if (ts_node_save(n, save[k])) {
+      ts_node_release(n);
+      ts_release(out);
+      return NULL;
+    }
+  return ts_node_finish(n, out);
+}
+
 void ts_bump_version(ts_tensor *t) { __atomic_add_fetch(&t->storage->version, 1, __ATOMIC_RELAXED); }
 
 int ts_check_inplace(const char *op, ts_tensor *t) {

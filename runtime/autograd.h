@@ -65,6 +65,9 @@ const ts_edge *ts_node_input(const ts_node *n, int input);
 /* Attaches n as out's grad_fn and drops the creator's reference; returns out. NULL n: returns out.
    On a NULL out the node is released. */
 ts_tensor *ts_node_finish(ts_node *n, ts_tensor *out);
+/* ts_node_finish after saving `count` tensors (NULL entries: unused slots); a failed save releases
+   n and out and returns NULL. */
+ts_tensor *ts_node_finish_saving(ts_node *n, ts_tensor *out, int count, ts_tensor *const *save);
 void ts_node_release(ts_node *n);
 /* A fresh header over t's storage with no autograd state. */
 ts_tensor *ts_detached(ts_tensor *t);

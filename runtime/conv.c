@@ -157,12 +157,8 @@ static ts_tensor *record(ts_tensor *x, ts_tensor *w, ts_tensor *b, const conv_pa
   int64_t params[7] = {p->stride[0], p->stride[1], p->padding[0], p->padding[1], p->dilation[0], p->dilation[1], p->groups};
   for (int k = 0; k < 7; k++) n->i[k] = params[k];
   /* x is needed only for gw, w only for gx: a frozen layer keeps no activations alive */
-  if (ts_node_save(n, ts_node_needs_grad(n, 1) ? x : NULL) || ts_node_save(n, ts_node_needs_grad(n, 0) ? w : NULL)) {
-    ts_node_release(n);
-    ts_release(out);
-    return NULL;
-  }
-  return ts_node_finish(n, out);
+  ts_tensor *save[2] = {ts_node_needs_grad(n, 1) ? x : NULL, ts_node_needs_grad(n, 0) ? w : NULL};
+  return ts_node_finish_saving(n, out, 2, save);
 }
 
 static ts_tensor *conv2d_batched(ts_tensor *x, ts_tensor *w, ts_tensor *b, const conv_params *p) {

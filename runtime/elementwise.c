@@ -116,17 +116,6 @@ static int done_inplace(ts_tensor *a, const ts_tensor *result) {
   return TS_OK;
 }
 
-/* Records n for out with the given tensors saved; on failure releases out and returns NULL. */
-static ts_tensor *finish_saving(ts_node *n, ts_tensor *out, int count, ts_tensor *const *save) {
-  for (int k = 0; n && k < count; k++)
-    if (ts_node_save(n, save[k])) {
-      ts_node_release(n);
-      ts_release(out);
-      return NULL;
-    }
-  return ts_node_finish(n, out);
-}
-
 static ts_tensor *unary_impl(int op, ts_tensor *a, ts_tensor *target);
 
 /* Ops whose derivative is written with the output y alone (they stay differentiable in place). */
@@ -162,7 +151,7 @@ static ts_tensor *unary_recorded(int op, ts_tensor *a) {
   if (!n) return out;
   n->i[0] = op;
   ts_tensor *keep = derivative_uses_output(op) ? out : a;
-  return finish_saving(n, out, 1, &keep);
+  return ts_node_finish_saving(n, out, 1, &keep);
 }
 
 /* d(a op b): saved are a, b and the result y (slots 0, 1, 2) where the formula needs them. */
@@ -244,7 +233,7 @@ static ts_tensor *binary_recorded(int op, ts_tensor *a, int a_dtype, ts_tensor *
   int use[3];
   binary_uses(op, ts_node_needs_grad(n, 0), ts_node_needs_grad(n, 1), use);
   ts_tensor *save[3] = {use[0] ? a : NULL, use[1] ? b : NULL, use[2] ? out : NULL};
-  return finish_saving(n, out, 3, save);
+  return ts_node_finish_saving(n, out, 3, save);
 }
 
 /* ---- unary ----------------------------------------------------------------------------------- */
@@ -470,7 +459,7 @@ ts_tensor *ts_where(ts_tensor *cond, ts_tensor *a, ts_tensor *b) {
   if (!out) return NULL;
   ts_tensor *inputs[3] = {cond, a, b};
   ts_node *n = ts_grad_node("where", where_backward, 3, inputs);
-  return finish_saving(n, out, 1, &cond);
+  return ts_node_finish_saving(n, out, 1, &cond);
 }
 
 /* The gradient passes where lo <= x <= hi, as PyTorch. */
@@ -498,7 +487,7 @@ static ts_tensor *clamp_recorded(ts_tensor *a, double lo, double hi, int has_lo,
   n->i[1] = has_hi;
   n->d[0] = lo;
   n->d[1] = hi;
-  return finish_saving(n, out, 1, &a);
+  return ts_node_finish_saving(n, out, 1, &a);
 }
 
 ts_tensor *ts_clamp(ts_tensor *a, double lo, double hi, int has_lo, int has_hi) {

@@ -110,17 +110,6 @@ static int finish_in_place(ts_tensor *a, ts_tensor *work, int status) {
 /* A differentiable op runs its forward plumbing (views, copies, conversions) with grad mode off,
    then records one node of its own. */
 
-/* Saves `count` tensors for n's backward and attaches n to out; on failure releases both. */
-static ts_tensor *finish_saving(ts_node *n, ts_tensor *out, int count, ts_tensor *const *save) {
-  for (int k = 0; n && k < count; k++)
-    if (ts_node_save(n, save[k])) {
-      ts_node_release(n);
-      ts_release(out);
-      return NULL;
-    }
-  return ts_node_finish(n, out);
-}
-
 /* Zeros of input k's shape in g's dtype: what a backward scatters or puts g into. */
 static ts_tensor *zeros_like_input(const ts_node *n, int k, const ts_tensor *g) {
   const ts_edge *e = ts_node_input(n, k);
@@ -353,7 +342,7 @@ ts_tensor *ts_index_select(ts_tensor *a, int dim, ts_tensor *index) {
   if (!out) return NULL;
   ts_node *n = ts_grad_node("index_select", index_select_backward, 1, &a);
   if (n) n->i[0] = d;
-  return finish_saving(n, out, 1, &index);
+  return ts_node_finish_saving(n, out, 1, &index);
 }
 
 /* gather and scatter: index has as many dims as a, and fits in a except along dim. */
@@ -404,7 +393,7 @@ ts_tensor *ts_gather(ts_tensor *a, int dim, ts_tensor *index) {
   if (!out) return NULL;
   ts_node *n = ts_grad_node("gather", gather_backward, 1, &a);
   if (n) n->i[0] = d;
-  return finish_saving(n, out, 1, &index);
+  return ts_node_finish_saving(n, out, 1, &index);
 }
 
 /* ---- scatter --------------------------------------------------------------------------------- */
@@ -503,7 +492,7 @@ static ts_tensor *scatter_recorded(const char *op, ts_tensor *a, int dim, ts_ten
   ts_wrap_dim(op, dim, a->ndim, &d); /* checked by the forward */
   n->i[0] = d;
   n->i[1] = mode;
-  return finish_saving(n, out, 1, &index);
+  return ts_node_finish_saving(n, out, 1, &index);
 }
 
 int ts_scatter_(ts_tensor *a, int dim, ts_tensor *index, ts_tensor *src, int mode) {
@@ -577,7 +566,7 @@ static ts_tensor *masked_fill_recorded(const char *op, ts_tensor *a, ts_tensor *
   }
   ts_set_grad_enabled(previous);
   if (!out) return NULL;
-  return finish_saving(ts_grad_node("masked_fill", masked_fill_backward, 1, &a), out, 1, &mask);
+  return ts_node_finish_saving(ts_grad_node("masked_fill", masked_fill_backward, 1, &a), out, 1, &mask);
 }
 
 ts_tensor *ts_masked_fill(ts_tensor *a, ts_tensor *mask, double value) {
@@ -630,7 +619,7 @@ ts_tensor *ts_masked_select(ts_tensor *a, ts_tensor *mask) {
     n->i[0] = ndim;
     for (int d = 0; d < ndim; d++) n->i[1 + d] = shape[d];
   }
-  return finish_saving(n, out, 1, &mask);
+  return ts_node_finish_saving(n, out, 1, &mask);
 }
 
 /* ---- advanced indexing ----------------------------------------------------------------------- */

@@ -360,12 +360,8 @@ static ts_tensor *record_product(const char *name, ts_backward_fn backward, ts_t
   ts_tensor *inputs[2] = {a, b};
   ts_node *n = ts_grad_node(name, backward, 2, inputs);
   if (!n) return out;
-  if (ts_node_save(n, ts_node_needs_grad(n, 1) ? a : NULL) || ts_node_save(n, ts_node_needs_grad(n, 0) ? b : NULL)) {
-    ts_node_release(n);
-    ts_release(out);
-    return NULL;
-  }
-  return ts_node_finish(n, out);
+  ts_tensor *save[2] = {ts_node_needs_grad(n, 1) ? a : NULL, ts_node_needs_grad(n, 0) ? b : NULL};
+  return ts_node_finish_saving(n, out, 2, save);
 }
 
 /* Under autocast, the product of the operands cast to its dtype (recorded casts, then product). */

@@ -241,7 +241,7 @@ ts_tensor *ts_cross_entropy(ts_tensor *logits, ts_tensor *target, ts_tensor *wei
     n->d[CE_DIVISOR] = divisor;
   }
   ts_tensor *save[4] = {logits, target, weight, lse};
-  out = ts_nn_record(n, out, 4, save);
+  out = ts_node_finish_saving(n, out, 4, save);
   ts_release(lse);
   return out;
 }
@@ -335,7 +335,7 @@ static ts_tensor *pointwise_loss(int kind, ts_tensor *a, ts_tensor *b, double be
     n->d[0] = beta;
   }
   ts_tensor *save[2] = {a, b};
-  return ts_nn_record(n, out, 2, save);
+  return ts_node_finish_saving(n, out, 2, save);
 }
 
 ts_tensor *ts_mse_loss(ts_tensor *a, ts_tensor *b, int reduction) {

@@ -486,15 +486,8 @@ ts_tensor *ts_uniform_compact(ts_tensor *x, ts_tensor *mask, int64_t patch_token
   ts_release(xc);
   ts_set_grad_enabled(previous);
   ts_node *n = out ? ts_grad_node(op, compact_backward, 1, &x) : NULL;
-  if (n) {
-    n->i[0] = p;
-    if (ts_node_save(n, src)) {
-      ts_node_release(n);
-      ts_release(out);
-      out = NULL;
-      n = NULL;
-    }
-  }
+  if (n) n->i[0] = p;
+  out = ts_node_finish_saving(n, out, 1, &src);
   ts_release(src);
-  return ts_node_finish(n, out);
+  return out;
 }

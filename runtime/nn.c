@@ -43,21 +43,6 @@ ts_tensor *ts_nn_result(ts_tensor *computed, int dtype, int ndim, const int64_t 
   return v;
 }
 
-ts_tensor *ts_nn_record(ts_node *n, ts_tensor *out, int count, ts_tensor *const *save) {
-  if (!n) return out;
-  if (!out) {
-    ts_node_release(n);
-    return NULL;
-  }
-  for (int k = 0; k < count; k++)
-    if (ts_node_save(n, save[k])) {
-      ts_node_release(n);
-      ts_release(out);
-      return NULL;
-    }
-  return ts_node_finish(n, out);
-}
-
 ts_tensor *ts_nn_dense_as(ts_tensor *t, int dtype, int ndim, const int64_t *shape) {
   ts_tensor *dense = ts_nn_dense(t, dtype);
   if (!dense) return NULL;
@@ -189,7 +174,7 @@ ts_tensor *ts_linear(ts_tensor *x, ts_tensor *w, ts_tensor *b) {
   ts_node *n = ts_grad_node("linear", linear_backward, 3, (ts_tensor *[]){x, w, b});
   if (!n) return out;
   ts_tensor *save[2] = {ts_node_needs_grad(n, 1) ? x : NULL, ts_node_needs_grad(n, 0) ? w : NULL};
-  return ts_nn_record(n, out, 2, save);
+  return ts_node_finish_saving(n, out, 2, save);
 }
 
 /* ---- softmax and log_softmax ----------------------------------------------------------------- */
@@ -258,7 +243,7 @@ static ts_tensor *softmax_op(const char *op, ts_tensor *x, int dim, int log) {
   n->i[SM_D] = shape[1];
   n->i[SM_B] = shape[2];
   n->i[SM_LOG] = log;
-  return ts_nn_record(n, out, 1, &out); /* both derivatives are written with the output alone */
+  return ts_node_finish_saving(n, out, 1, &out); /* both derivatives are written with the output alone */
 }
 
 ts_tensor *ts_softmax(ts_tensor *x, int dim) { return softmax_op("softmax", x, dim, 0); }
@@ -308,7 +293,7 @@ static ts_tensor *drop(const char *op, ts_tensor *x, int ndim, const int64_t *ma
   ts_set_grad_enabled(previous);
   ts_node *n = out ? ts_grad_node(op, masked_scale_backward, 1, &x) : NULL;
   if (n) n->d[0] = scale;
-  out = ts_nn_record(n, out, 1, &mask);
+  out = ts_node_finish_saving(n, out, 1, &mask);
   ts_release(mask);
   return out;
 }

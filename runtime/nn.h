@@ -26,9 +26,6 @@ int ts_nn_check_param(const char *op, const char *what, const ts_tensor *x, cons
 /* The output of a kernel that ran in the compute dtype, as `dtype` and shape (ndim, shape);
    consumes `computed`. */
 ts_tensor *ts_nn_result(ts_tensor *computed, int dtype, int ndim, const int64_t *shape);
-/* Records node n (created by the caller) for out, saving `count` tensors; releases out and returns
-   NULL on failure. NULL n returns out unchanged. */
-ts_tensor *ts_nn_record(ts_node *n, ts_tensor *out, int count, ts_tensor *const *save);
 /* t converted to dtype, contiguous, viewed as ndim/shape (which has t's number of elements). */
 ts_tensor *ts_nn_dense_as(ts_tensor *t, int dtype, int ndim, const int64_t *shape);
 

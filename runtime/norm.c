@@ -109,7 +109,7 @@ static ts_tensor *record_norm(int kind, ts_tensor *x, ts_tensor *w, ts_tensor *b
     n->i[P_TRAINING] = training;
   }
   ts_tensor *save[4] = {x, w, mean, rstd};
-  out = ts_nn_record(n, out, 4, save);
+  out = ts_node_finish_saving(n, out, 4, save);
   ts_release(mean);
   ts_release(rstd);
   return out;

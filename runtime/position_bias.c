@@ -163,7 +163,7 @@ ts_tensor *ts_relative_position_bias(ts_tensor *pos, ts_tensor *w1, ts_tensor *b
   ts_set_grad_enabled(previous);
   ts_tensor *inputs[5] = {pos, w1, b1, w2, b2};
   ts_tensor *save[4] = {o.pos, o.w1, o.b1, o.w2};
-  if (out) out = ts_nn_record(ts_grad_node(OP, position_bias_backward, 5, inputs), out, 4, save);
+  if (out) out = ts_node_finish_saving(ts_grad_node(OP, position_bias_backward, 5, inputs), out, 4, save);
   release_operands(&o);
   return out;
 }

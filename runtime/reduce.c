@@ -365,13 +365,7 @@ static ts_tensor *record_reduction(const char *name, ts_backward_fn backward, ts
   reduction rd;
   setup(&rd, name, a, ndims, dims, 0); /* validated by the forward already */
   for (int d = 0; d < TS_MAX_DIMS; d++) n->i[d] = d < a->ndim && rd.reduced[d];
-  for (int k = 0; k < nsave; k++)
-    if (ts_node_save(n, save[k])) {
-      ts_node_release(n);
-      ts_release(out);
-      return NULL;
-    }
-  return ts_node_finish(n, out);
+  return ts_node_finish_saving(n, out, nsave, save);
 }
 
 ts_tensor *ts_reduce(int op, ts_tensor *a, int ndims, const int *dims, int keepdim) {
@@ -475,13 +469,8 @@ int ts_max_dim(ts_tensor *a, int dim, int keepdim, int largest, ts_tensor **valu
   ts_wrap_dim("max", dim, a->ndim, &d);
   n->i[0] = d;
   n->i[1] = keepdim != 0;
-  if (ts_node_save(n, *indices)) {
-    ts_node_release(n);
-    ts_release(*values);
-    ts_release(*indices);
-    *values = *indices = NULL;
-    return ts_last_status();
-  }
-  ts_node_finish(n, *values);
-  return TS_OK;
+  if (ts_node_finish_saving(n, *values, 1, indices)) return TS_OK;
+  ts_release(*indices); /* the failed save released the values */
+  *values = *indices = NULL;
+  return ts_last_status();
 }
