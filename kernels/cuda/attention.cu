@@ -470,11 +470,8 @@ template <int DT, typename F> static int with_head_dims(const attn_params<DT> &p
 
 // Every tensor shares q's floating dtype; lse is in its accumulation type (float32, float64 for float64).
 static int check_dtypes(const char *op, const ts_tensor *const *ts, int count, const ts_tensor *lse) {
+  if (cuda_check_floating_alike(op, ts, count)) return ts_last_status();
   int dt = ts[0]->dtype;
-  for (int i = 0; i < count; i++)
-    if (ts[i] && (ts[i]->dtype != dt || !cuda_is_floating(dt)))
-      return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel takes floating tensors of one dtype, got %s and %s", op,
-                          ts_dtype_name(dt), ts_dtype_name(ts[i]->dtype));
   int want = dt == TS_F64 ? TS_F64 : TS_F32;
   if (lse->dtype != want)
     return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel keeps the log-sum-exp of %s blocks in %s, got %s", op,

@@ -304,15 +304,6 @@ static int bias_grad(const char *op, ts_tensor *gb, const ts_tensor *g, cudaStre
 
 static int zero_if_wanted(ts_tensor *t) { return t && ts_numel(t) > 0 ? cuda_fill(t, 0) : TS_OK; }
 
-static int check_dtypes(const char *op, const ts_tensor *const *ts, int count) {
-  int dt = ts[0]->dtype;
-  for (int i = 0; i < count; i++)
-    if (ts[i] && (ts[i]->dtype != dt || !cuda_is_floating(dt)))
-      return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel takes floating tensors of one dtype, got %s and %s", op,
-                          ts_dtype_name(dt), ts_dtype_name(ts[i]->dtype));
-  return TS_OK;
-}
-
 // ---- entries ----------------------------------------------------------------------------------------
 static char *sample_ptr(const ts_tensor *t, int64_t n0) {
   return ts_elem_ptr(t) + n0 * (t->stride[0] * (int64_t)ts_dtype_size(t->dtype));
@@ -323,7 +314,7 @@ extern "C" int cuda_conv2d(ts_tensor *out, const ts_tensor *x, const ts_tensor *
                            int64_t groups) {
   const char *op = "conv2d";
   const ts_tensor *all[4] = {x, out, w, b};
-  if (check_dtypes(op, all, 4)) return ts_last_status();
+  if (cuda_check_floating_alike(op, all, 4)) return ts_last_status();
   conv_geom q = geometry_of(x, w, out, stride, padding, dilation, groups);
   cudaStream_t stream;
   cudnnHandle_t h;
@@ -355,7 +346,7 @@ extern "C" int cuda_conv2d_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb,
                                     const int64_t dilation[2], int64_t groups) {
   const char *op = "conv2d backward";
   const ts_tensor *all[6] = {g, x, w, gx, gw, gb};
-  if (check_dtypes(op, all, 6)) return ts_last_status();
+  if (cuda_check_floating_alike(op, all, 6)) return ts_last_status();
   conv_geom q = geometry_of(x, w, g, stride, padding, dilation, groups);
   if (ts_numel(g) == 0) { // no output: every gradient is an empty sum
     if (zero_if_wanted(gx) || zero_if_wanted(gw) || zero_if_wanted(gb)) return ts_last_status();

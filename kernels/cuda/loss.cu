@@ -15,15 +15,6 @@
 
 constexpr int WARPS_PER_BLOCK = 8;
 
-static int check_floating(const char *op, const ts_tensor *const *ts, int count) {
-  int dt = ts[0]->dtype;
-  for (int i = 0; i < count; i++)
-    if (ts[i] && (ts[i]->dtype != dt || !cuda_is_floating(dt)))
-      return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel takes floating tensors of one dtype, got %s and %s", op,
-                          ts_dtype_name(dt), ts_dtype_name(ts[i]->dtype));
-  return TS_OK;
-}
-
 // ---- cross entropy ----------------------------------------------------------------------------------
 template <int DT> struct ce_args {
   using T = cuda_storage_t<DT>;
@@ -160,7 +151,7 @@ template <int DT> static ce_args<DT> ce_layout(const ts_tensor *logits, const ts
 
 static int check_cross_entropy(const char *op, const ts_tensor *logits, const ts_tensor *target,
                                const ts_tensor *const *floats, int count) {
-  if (check_floating(op, floats, count)) return ts_last_status();
+  if (cuda_check_floating_alike(op, floats, count)) return ts_last_status();
   if (target->dtype != TS_I64 && target->dtype != logits->dtype)
     return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel takes int64 class indices or %s probabilities, got %s", op,
                         ts_dtype_name(logits->dtype), ts_dtype_name(target->dtype));
@@ -308,7 +299,7 @@ static bool same_shape(const ts_tensor *a, const ts_tensor *b) {
 extern "C" int cuda_pointwise_loss(int kind, ts_tensor *out, const ts_tensor *a, const ts_tensor *b, double beta) {
   const char *op = kind == TS_LOSS_MSE ? "mse_loss" : kind == TS_LOSS_L1 ? "l1_loss" : "smooth_l1_loss";
   const ts_tensor *floats[3] = {out, a, b};
-  if (check_floating(op, floats, 3)) return ts_last_status();
+  if (cuda_check_floating_alike(op, floats, 3)) return ts_last_status();
   return cuda_dispatch_floating(op, out->dtype, [&](auto tag) -> int {
     constexpr int DT = decltype(tag)::value;
     if (same_shape(out, a)) { // reduction 'none' (or a single element, whose loss is the sum)
@@ -334,9 +325,8 @@ extern "C" int cuda_pointwise_loss_backward(int kind, ts_tensor *ga, const ts_te
                                             const ts_tensor *b, double beta, double scale) {
   const char *op = kind == TS_LOSS_MSE ? "mse_loss backward" : kind == TS_LOSS_L1 ? "l1_loss backward"
                                                                                    : "smooth_l1_loss backward";
-  const ts_tensor *floats[4] = {ga, g, a, b};
-  if (check_floating(op, floats, 4)) return ts_last_status();
   const ts_tensor *ops[4] = {ga, g, a, b};
+  if (cuda_check_floating_alike(op, ops, 4)) return ts_last_status();
   return cuda_dispatch_floating(op, ga->dtype, [&](auto tag) -> int {
     constexpr int DT = decltype(tag)::value;
     return cuda_foreach(op, ops, pointwise_backward_fn<DT>{cuda_data<DT>(ga), cuda_data<DT>(g), cuda_data<DT>(a),

@@ -24,17 +24,10 @@ static cuda_matrix transposed(cuda_matrix m) {
   return m;
 }
 
-static int check_float_dtypes(const char *op, const ts_tensor *out, const ts_tensor *x) {
-  if (!cuda_is_floating(out->dtype) || x->dtype != out->dtype)
-    return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel takes floating tensors of one dtype, got %s and %s", op,
-                        ts_dtype_name(x->dtype), ts_dtype_name(out->dtype));
-  return TS_OK;
-}
-
 extern "C" int cuda_linear(ts_tensor *out, const ts_tensor *x, const ts_tensor *w, const ts_tensor *b) {
   const char *op = "linear";
   int64_t m = x->shape[0], k = x->shape[1], n = w->shape[0];
-  if (check_float_dtypes(op, out, x)) return ts_last_status();
+  if (cuda_check_floating_alike(op, out, x)) return ts_last_status();
   // out [m, n] = x [m, k] @ w^T [k, n] (+ b in every row)
   return cuda_gemm(op, out->device.index, out->dtype, 1, m, n, k, matrix_of(x), transposed(matrix_of(w)),
                    ts_elem_ptr(out), n, 0, 0.0, b ? ts_elem_ptr(b) : NULL);
@@ -69,7 +62,7 @@ extern "C" int cuda_linear_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb,
   const char *op = "linear backward";
   int64_t m = g->shape[0], n = g->shape[1];
   int device = g->device.index, dtype = g->dtype;
-  if (check_float_dtypes(op, g, g)) return ts_last_status();
+  if (cuda_check_floating_alike(op, g, g)) return ts_last_status();
   cuda_matrix gm = {ts_elem_ptr(g), false, n > 0 ? n : 1, 0};
   if (gx && ts_numel(gx) > 0) { // gx [m, k] = g [m, n] @ w [n, k]
     int64_t k = gx->shape[1];
@@ -239,7 +232,7 @@ static int launch_softmax(const char *op, const ts_tensor *t, Rows rows, Block b
 
 extern "C" int cuda_softmax(ts_tensor *out, const ts_tensor *x, int log) {
   const char *op = log ? "log_softmax" : "softmax";
-  if (check_float_dtypes(op, out, x)) return ts_last_status();
+  if (cuda_check_floating_alike(op, out, x)) return ts_last_status();
   int64_t a = x->shape[0], d = x->shape[1], b = x->shape[2];
   return cuda_dispatch_floating(op, x->dtype, [&](auto tag) -> int {
     constexpr int DT = decltype(tag)::value;
@@ -263,7 +256,7 @@ extern "C" int cuda_softmax(ts_tensor *out, const ts_tensor *x, int log) {
 
 extern "C" int cuda_softmax_backward(ts_tensor *gx, const ts_tensor *g, const ts_tensor *y, int log) {
   const char *op = log ? "log_softmax backward" : "softmax backward";
-  if (check_float_dtypes(op, gx, g) || check_float_dtypes(op, gx, y)) return ts_last_status();
+  if (cuda_check_floating_alike(op, gx, g) || cuda_check_floating_alike(op, gx, y)) return ts_last_status();
   int64_t a = y->shape[0], d = y->shape[1], b = y->shape[2];
   return cuda_dispatch_floating(op, y->dtype, [&](auto tag) -> int {
     constexpr int DT = decltype(tag)::value;
@@ -302,7 +295,7 @@ template <int DT> struct masked_scale_fn {
 
 extern "C" int cuda_masked_scale(ts_tensor *out, const ts_tensor *x, const ts_tensor *mask, double scale) {
   const char *op = "dropout";
-  if (check_float_dtypes(op, out, x)) return ts_last_status();
+  if (cuda_check_floating_alike(op, out, x)) return ts_last_status();
   if (mask->dtype != TS_BOOL && mask->dtype != TS_U8)
     return ts_set_error(TS_ERR_DTYPE, "%s: the mask must be bool, got %s", op, ts_dtype_name(mask->dtype));
   const ts_tensor *ops[3] = {out, x, mask};

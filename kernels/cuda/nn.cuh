@@ -46,6 +46,22 @@ __device__ __forceinline__ double cuda_exp(double x) { return exp(x); }
 __device__ __forceinline__ float cuda_log(float x) { return logf(x); }
 __device__ __forceinline__ double cuda_log(double x) { return log(x); }
 
+// ---- dtype checks -----------------------------------------------------------------------------------
+// Every tensor given (NULL entries, optional parameters, are skipped) shares the floating dtype of the
+// first; anything else is refused naming op.
+static inline int cuda_check_floating_alike(const char *op, const ts_tensor *const *ts, int count) {
+  int dt = ts[0]->dtype;
+  for (int i = 0; i < count; i++)
+    if (ts[i] && (ts[i]->dtype != dt || !cuda_is_floating(dt)))
+      return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel takes floating tensors of one dtype, got %s and %s", op,
+                          ts_dtype_name(dt), ts_dtype_name(ts[i]->dtype));
+  return TS_OK;
+}
+static inline int cuda_check_floating_alike(const char *op, const ts_tensor *a, const ts_tensor *b) {
+  const ts_tensor *pair[] = {a, b};
+  return cuda_check_floating_alike(op, pair, 2);
+}
+
 // ---- reductions -----------------------------------------------------------------------------------
 template <typename A> __device__ __forceinline__ A cuda_warp_sum(A v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -19,21 +19,11 @@ constexpr int64_t WARP_ROW_LIMIT = 1024;
 
 static const void *data_or_null(const ts_tensor *t) { return t ? ts_elem_ptr(t) : NULL; }
 
-// Every tensor an entry takes shares the floating dtype of the first.
-static int check_dtypes(const char *op, const ts_tensor *const *ts, int count) {
-  int dt = ts[0]->dtype;
-  for (int i = 0; i < count; i++)
-    if (ts[i] && (ts[i]->dtype != dt || !cuda_is_floating(dt)))
-      return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel takes floating tensors of one dtype, got %s and %s", op,
-                          ts_dtype_name(dt), ts_dtype_name(ts[i]->dtype));
-  return TS_OK;
-}
-
 // Layer and group norm: the tensors share x's dtype, the statistics are in its accumulation type
 // (float32, or float64 for float64), as the runtime allocates them.
 static int check_norm_dtypes(const char *op, const ts_tensor *const *ts, int count, const ts_tensor *mean,
                              const ts_tensor *rstd) {
-  if (check_dtypes(op, ts, count)) return ts_last_status();
+  if (cuda_check_floating_alike(op, ts, count)) return ts_last_status();
   int want = ts[0]->dtype == TS_F64 ? TS_F64 : TS_F32;
   if (mean->dtype != want || rstd->dtype != want)
     return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel keeps the statistics of %s input in %s, got %s and %s", op,
@@ -352,7 +342,7 @@ template <int DT> static channel_args<DT> channel_layout(const ts_tensor *x) {
 extern "C" int cuda_batch_norm_stats(ts_tensor *mean, ts_tensor *var, const ts_tensor *x) {
   const char *op = "batch_norm";
   const ts_tensor *all[3] = {x, mean, var};
-  if (check_dtypes(op, all, 3)) return ts_last_status();
+  if (cuda_check_floating_alike(op, all, 3)) return ts_last_status();
   cudaStream_t stream;
   if (x->shape[1] == 0) return TS_OK;
   if (cuda_stream_for(op, x->device.index, &stream)) return ts_last_status();
@@ -386,7 +376,7 @@ extern "C" int cuda_batch_norm_apply(ts_tensor *out, const ts_tensor *x, const t
                                      const ts_tensor *w, const ts_tensor *b) {
   const char *op = "batch_norm";
   const ts_tensor *all[6] = {x, out, mean, rstd, w, b};
-  if (check_dtypes(op, all, 6)) return ts_last_status();
+  if (cuda_check_floating_alike(op, all, 6)) return ts_last_status();
   int64_t total = ts_numel(x);
   cudaStream_t stream;
   if (total == 0) return TS_OK;
@@ -467,7 +457,7 @@ extern "C" int cuda_batch_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor 
                                         const ts_tensor *rstd, int training) {
   const char *op = "batch_norm backward";
   const ts_tensor *all[8] = {x, g, w, mean, rstd, gx, gw, gb};
-  if (check_dtypes(op, all, 8)) return ts_last_status();
+  if (cuda_check_floating_alike(op, all, 8)) return ts_last_status();
   cudaStream_t stream;
   if (x->shape[1] == 0) return TS_OK;
   if (cuda_stream_for(op, x->device.index, &stream)) return ts_last_status();

@@ -44,13 +44,6 @@ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? 
 #define FOR_EACH(i, total) \
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (total); i += (int64_t)gridDim.x * blockDim.x)
 
-static int check_pair(const char *op, const ts_tensor *a, const ts_tensor *b) {
-  if (a->dtype != b->dtype || !cuda_is_floating(a->dtype))
-    return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel takes floating tensors of one dtype, got %s and %s", op,
-                        ts_dtype_name(a->dtype), ts_dtype_name(b->dtype));
-  return TS_OK;
-}
-
 // Runs launch(stream) for a non-empty job on the tensor's device; `op` names errors.
 template <typename F> static int launch_on(const char *op, const ts_tensor *t, int64_t total, F launch) {
   cudaStream_t stream;
@@ -127,7 +120,7 @@ static __global__ void avg_pool_backward_kernel(pool_geom q, const cuda_storage_
 extern "C" int cuda_avg_pool2d(ts_tensor *out, const ts_tensor *x, const int64_t kernel[2], const int64_t stride[2],
                                const int64_t padding[2], int count_include_pad) {
   const char *op = "avg_pool2d";
-  if (check_pair(op, out, x)) return ts_last_status();
+  if (cuda_check_floating_alike(op, out, x)) return ts_last_status();
   pool_geom q = make_geom(x, out, kernel, stride, padding, NULL);
   q.count_include_pad = count_include_pad;
   int64_t total = ts_numel(out);
@@ -142,7 +135,7 @@ extern "C" int cuda_avg_pool2d(ts_tensor *out, const ts_tensor *x, const int64_t
 extern "C" int cuda_avg_pool2d_backward(ts_tensor *gx, const ts_tensor *g, const int64_t kernel[2],
                                         const int64_t stride[2], const int64_t padding[2], int count_include_pad) {
   const char *op = "avg_pool2d backward";
-  if (check_pair(op, gx, g)) return ts_last_status();
+  if (cuda_check_floating_alike(op, gx, g)) return ts_last_status();
   pool_geom q = make_geom(gx, g, kernel, stride, padding, NULL);
   q.count_include_pad = count_include_pad;
   int64_t total = ts_numel(gx);
@@ -204,7 +197,7 @@ template <int DT> static __global__ void store_accumulated_kernel(int64_t n, con
 extern "C" int cuda_max_pool2d(ts_tensor *out, ts_tensor *indices, const ts_tensor *x, const int64_t kernel[2],
                                const int64_t stride[2], const int64_t padding[2], const int64_t dilation[2]) {
   const char *op = "max_pool2d";
-  if (check_pair(op, out, x)) return ts_last_status();
+  if (cuda_check_floating_alike(op, out, x)) return ts_last_status();
   pool_geom q = make_geom(x, out, kernel, stride, padding, dilation);
   int64_t total = ts_numel(out);
   return cuda_dispatch_floating(op, x->dtype, [&](auto tag) -> int {
@@ -218,7 +211,7 @@ extern "C" int cuda_max_pool2d(ts_tensor *out, ts_tensor *indices, const ts_tens
 
 extern "C" int cuda_max_pool2d_backward(ts_tensor *gx, const ts_tensor *g, const ts_tensor *indices) {
   const char *op = "max_pool2d backward";
-  if (check_pair(op, gx, g)) return ts_last_status();
+  if (cuda_check_floating_alike(op, gx, g)) return ts_last_status();
   pool_geom q = make_geom(gx, g, NULL, NULL, NULL, NULL);
   int64_t total = ts_numel(gx), outs = ts_numel(g), device = gx->device.index;
   if (total == 0) return TS_OK;
@@ -298,7 +291,7 @@ static __global__ void adaptive_backward_kernel(pool_geom q, const cuda_storage_
 
 extern "C" int cuda_adaptive_avg_pool2d(ts_tensor *out, const ts_tensor *x) {
   const char *op = "adaptive_avg_pool2d";
-  if (check_pair(op, out, x)) return ts_last_status();
+  if (cuda_check_floating_alike(op, out, x)) return ts_last_status();
   pool_geom q = make_geom(x, out, NULL, NULL, NULL, NULL);
   int64_t total = ts_numel(out);
   return cuda_dispatch_floating(op, x->dtype, [&](auto tag) -> int {
@@ -311,7 +304,7 @@ extern "C" int cuda_adaptive_avg_pool2d(ts_tensor *out, const ts_tensor *x) {
 
 extern "C" int cuda_adaptive_avg_pool2d_backward(ts_tensor *gx, const ts_tensor *g) {
   const char *op = "adaptive_avg_pool2d backward";
-  if (check_pair(op, gx, g)) return ts_last_status();
+  if (cuda_check_floating_alike(op, gx, g)) return ts_last_status();
   pool_geom q = make_geom(gx, g, NULL, NULL, NULL, NULL);
   int64_t total = ts_numel(gx);
   return cuda_dispatch_floating(op, gx->dtype, [&](auto tag) -> int {

@@ -265,19 +265,10 @@ template <int DT> int backward_threads(const pb_args<DT> &p, int device, int *li
 }
 } // namespace
 
-static int check_dtypes(const char *op, const ts_tensor *const *ts, int count) {
-  int dt = ts[0]->dtype;
-  for (int i = 0; i < count; i++)
-    if (ts[i] && (ts[i]->dtype != dt || !cuda_is_floating(dt)))
-      return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel takes floating tensors of one dtype, got %s and %s", op,
-                          ts_dtype_name(dt), ts_dtype_name(ts[i]->dtype));
-  return TS_OK;
-}
-
 extern "C" int cuda_position_bias(ts_tensor *out, const ts_tensor *pos, const ts_tensor *w1, const ts_tensor *b1,
                                   const ts_tensor *w2, const ts_tensor *b2) {
   const ts_tensor *all[6] = {pos, out, w1, b1, w2, b2};
-  if (check_dtypes(OP, all, 6)) return ts_last_status();
+  if (cuda_check_floating_alike(OP, all, 6)) return ts_last_status();
   if (ts_numel(out) == 0) return TS_OK;
   int device = pos->device.index;
   cudaStream_t stream;
@@ -298,7 +289,7 @@ extern "C" int cuda_position_bias_backward(ts_tensor *gpos, ts_tensor *gw1, ts_t
                                            const ts_tensor *w1, const ts_tensor *b1, const ts_tensor *w2) {
   const char *op = OP_BACKWARD;
   const ts_tensor *all[10] = {pos, g, w1, b1, w2, gpos, gw1, gb1, gw2, gb2};
-  if (check_dtypes(op, all, 10)) return ts_last_status();
+  if (cuda_check_floating_alike(op, all, 10)) return ts_last_status();
   int device = pos->device.index;
   cudaStream_t stream;
   if (cuda_stream_for(op, device, &stream)) return ts_last_status();

@@ -149,16 +149,9 @@ static resample_geom make_geom(const ts_tensor *x, const ts_tensor *y, int mode,
   return q;
 }
 
-static int check_pair(const char *op, const ts_tensor *a, const ts_tensor *b) {
-  if (a->dtype != b->dtype || !cuda_is_floating(a->dtype))
-    return ts_set_error(TS_ERR_DTYPE, "%s: the cuda kernel takes floating tensors of one dtype, got %s and %s", op,
-                        ts_dtype_name(a->dtype), ts_dtype_name(b->dtype));
-  return TS_OK;
-}
-
 extern "C" int cuda_interpolate(ts_tensor *out, const ts_tensor *x, int mode, int align_corners, const double scale[2]) {
   const char *op = "interpolate";
-  if (check_pair(op, out, x)) return ts_last_status();
+  if (cuda_check_floating_alike(op, out, x)) return ts_last_status();
   resample_geom q = make_geom(x, out, mode, align_corners, scale);
   int64_t total = ts_numel(out);
   cudaStream_t stream;
@@ -174,7 +167,7 @@ extern "C" int cuda_interpolate(ts_tensor *out, const ts_tensor *x, int mode, in
 extern "C" int cuda_interpolate_backward(ts_tensor *gx, const ts_tensor *g, int mode, int align_corners,
                                          const double scale[2]) {
   const char *op = "interpolate backward";
-  if (check_pair(op, gx, g)) return ts_last_status();
+  if (cuda_check_floating_alike(op, gx, g)) return ts_last_status();
   resample_geom q = make_geom(gx, g, mode, align_corners, scale);
   int64_t total = ts_numel(gx);
   cudaStream_t stream;
