@@ -85,8 +85,6 @@ int ts_rebase_inplace(ts_tensor *a, ts_tensor *r);
 ts_tensor *ts_sum_to(ts_tensor *g, int ndim, const int64_t *shape);   /* undo broadcasting */
 ts_tensor *ts_grad_for_input(ts_node *n, int input, ts_tensor *g);     /* sum_to + dtype of input */
 
-#endif
-
 /* A scope for backward formulas: intermediate tensors are kept here and released together, and a
    failed step makes every later step a no-op returning NULL, so formulas read as math:
        ts_scope s = {0};
@@ -103,3 +101,5 @@ ts_tensor *ts_s_cast(ts_scope *s, ts_tensor *a, int dtype);
 ts_tensor *ts_s_where(ts_scope *s, ts_tensor *cond, ts_tensor *a, ts_tensor *b);
 /* Sets grads[input] to the gradient g reduced to that input's shape and dtype, if it needs one. */
 int ts_set_input_grad(ts_node *n, int input, ts_tensor *g, ts_tensor **grads);
+
+#endif

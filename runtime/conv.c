@@ -7,7 +7,7 @@
  * devices run in the autocast dtype. */
 #include "autocast.h"
 #include "autograd.h"
-#include "backend.h"
+#include "nn.h"
 
 typedef struct {
   int64_t stride[2], padding[2], dilation[2], groups;
@@ -82,8 +82,7 @@ static int output_shape(const ts_tensor *x, const ts_tensor *w, const conv_param
 /* t as a contiguous tensor of the compute dtype (t itself when it already is one). */
 static ts_tensor *compute_operand(ts_scope *s, ts_tensor *t, int dtype) {
   if (!t || s->failed) return NULL;
-  ts_tensor *c = ts_scope_keep(s, ts_to_dtype(t, dtype));
-  return c ? ts_scope_keep(s, ts_contiguous(c)) : NULL;
+  return ts_scope_keep(s, ts_nn_dense(t, dtype));
 }
 
 /* The result in the caller's dtype: `out` itself or a rounded copy. Consumes out. */

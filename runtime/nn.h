@@ -1,4 +1,5 @@
-/* nn.h — what the nn runtime files (nn.c, norm.c, loss.c) and their kernels share beyond backend.h. */
+/* nn.h — what the nn runtime files (nn.c, norm.c, loss.c, conv.c, pool.c, resample.c) and their
+   kernels share beyond backend.h. */
 #ifndef TESSERA_NN_H
 #define TESSERA_NN_H
 

@@ -7,7 +7,7 @@
  * minus one when ceil_mode would start the last window inside the right padding. max_pool2d keeps
  * its argmax indices for the backward, which scatters the gradient onto them. */
 #include "autograd.h"
-#include "backend.h"
+#include "nn.h"
 
 typedef struct {
   int64_t kernel[2], stride[2], padding[2], dilation[2];
@@ -66,15 +66,6 @@ static int output_shape(const char *op, const ts_tensor *x, const pool_params *p
 }
 
 /* ---- plumbing -------------------------------------------------------------------------------- */
-/* t as a contiguous tensor of the compute dtype (a new reference). */
-static ts_tensor *operand(ts_tensor *t, int dtype) {
-  ts_tensor *c = ts_to_dtype(t, dtype);
-  if (!c) return NULL;
-  ts_tensor *r = ts_contiguous(c);
-  ts_release(c);
-  return r;
-}
-
 /* The result in the caller's dtype: `out` itself or a rounded copy. Consumes out. */
 static ts_tensor *in_dtype(ts_tensor *out, int dtype) {
   if (!out || out->dtype == dtype) return out;
@@ -114,7 +105,7 @@ static int pool_backward(ts_node *n, ts_tensor *g, ts_tensor **grads, pool_kind 
   if (kind == POOL_MAX && !indices) return ts_last_status();
   int compute = be->compute_dtype(g->dtype), st;
   ts_scope s = {0};
-  ts_tensor *gc = ts_scope_keep(&s, operand(g, compute)), *gx = input_grad(&s, n, compute);
+  ts_tensor *gc = ts_scope_keep(&s, ts_nn_dense(g, compute)), *gx = input_grad(&s, n, compute);
   if (s.failed) return ts_scope_close(&s);
   switch (kind) {
   case POOL_AVG:
@@ -156,7 +147,7 @@ static ts_tensor *record(const char *name, ts_backward_fn backward, ts_tensor *x
 static ts_tensor *pool_forward(const ts_backend *be, pool_kind kind, ts_tensor *x, const pool_params *p,
                                const int64_t *shape, ts_tensor **indices) {
   int previous = ts_set_grad_enabled(0), compute = be->compute_dtype(x->dtype);
-  ts_tensor *xc = operand(x, compute);
+  ts_tensor *xc = ts_nn_dense(x, compute);
   ts_tensor *out = xc ? ts_empty(x->ndim, shape, compute, x->device) : NULL;
   if (out && kind == POOL_MAX && !(*indices = ts_empty(x->ndim, shape, TS_I64, x->device))) {
     ts_release(out);

@@ -7,18 +7,9 @@
  * roll). pixel_shuffle and pixel_unshuffle are reshape / permute / reshape of public view ops, so
  * the tape records them step by step and needs no node of its own. */
 #include "autograd.h"
-#include "backend.h"
+#include "nn.h"
 
 #include <math.h>
-
-/* t as a contiguous tensor of the compute dtype (a new reference). */
-static ts_tensor *operand(ts_tensor *t, int dtype) {
-  ts_tensor *c = ts_to_dtype(t, dtype);
-  if (!c) return NULL;
-  ts_tensor *r = ts_contiguous(c);
-  ts_release(c);
-  return r;
-}
 
 /* ---- interpolate ----------------------------------------------------------------------------- */
 static const char *mode_name(int mode) { return mode == TS_INTERP_NEAREST ? "nearest" : "bilinear"; }
@@ -52,7 +43,7 @@ static int interpolate_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
   int compute = be->compute_dtype(g->dtype);
   double scale[2] = {n->d[0], n->d[1]};
   ts_scope s = {0};
-  ts_tensor *gc = ts_scope_keep(&s, operand(g, compute));
+  ts_tensor *gc = ts_scope_keep(&s, ts_nn_dense(g, compute));
   ts_tensor *gx = s.failed ? NULL : ts_scope_keep(&s, ts_empty(e->ndim, e->shape, compute, e->device));
   if (gx && ts_numel(gx) > 0 && be->interpolate_backward(gx, gc, (int)n->i[0], (int)n->i[1], scale)) s.failed = 1;
   if (!s.failed && ts_set_input_grad(n, 0, gx, grads)) s.failed = 1;
@@ -67,7 +58,7 @@ ts_tensor *ts_interpolate(ts_tensor *x, int64_t out_h, int64_t out_w, int mode, 
   if (!be || TS_BACKEND_FN(be, interpolate, "interpolate", x->device)) return NULL;
   int previous = ts_set_grad_enabled(0), compute = be->compute_dtype(x->dtype);
   int64_t shape[4] = {x->shape[0], x->shape[1], out_h, out_w};
-  ts_tensor *xc = operand(x, compute);
+  ts_tensor *xc = ts_nn_dense(x, compute);
   ts_tensor *out = xc ? ts_empty(4, shape, compute, x->device) : NULL;
   if (out && ts_numel(out) > 0 && be->interpolate(out, xc, mode, align_corners != 0, scale)) {
     ts_release(out);
