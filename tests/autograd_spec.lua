@@ -3,20 +3,7 @@
 local T = require 'tessera'
 local S = require 'support'
 
--- A float64 leaf that requires grad, with values in [lo, hi); strided when asked.
-local function leaf(shape, seed, lo, hi, strided)
-  local n = 1
-  for _, s in ipairs(shape) do n = n * s end
-  local t = T.tensor(S.nest(S.randoms(n, seed, lo or -1, hi or 1), shape), { dtype = 'float64' })
-  if strided then t = S.noncontiguous(t) end
-  return t:requires_grad_()
-end
-
-local function check(name, fn, inputs, opts)
-  opts = opts or {}
-  opts.name = name
-  assert(T.gradcheck(fn, inputs, opts))
-end
+local leaf, check = S.grad_leaf, S.gradcheck
 
 describe('the tape', function()
   it('accumulates into leaves, reducing broadcast dims', function()

@@ -6,8 +6,9 @@
 local T = require 'tessera'
 local S = require 'support'
 local core = require 'tessera.core'
+local CS = require 'cuda_support'
 
-local has_gpu = T.cuda.is_available()
+local has_gpu = CS.has_gpu
 
 -- Whether this libtessera was configured with TESSERA_CUDA, from the build rather than from the
 -- library: ctest says so in TESSERA_CUDA_BUILT, else the CMakeCache.txt beside the library does.
@@ -88,24 +89,6 @@ describe('cuda on every machine', function()
 end)
 
 -- ---- parity with the CPU ------------------------------------------------------------------------
--- `it` for tests that need a GPU: pending (never passed) without one.
-local function gpu_it(name, fn)
-  it(name, function()
-    if not has_gpu then pending('no CUDA device') return end
-    fn()
-  end)
-end
-
-local FLOATS = { 'float32', 'float64', 'float16', 'bfloat16' }
-local DTYPES = { 'float32', 'float64', 'float16', 'bfloat16', 'int64' }
-local ALL_DTYPES = { 'float32', 'float64', 'float16', 'bfloat16', 'int64', 'int32', 'uint8', 'bool' }
-
--- atol + rtol * |cpu| for ops whose math functions differ between glibc and CUDA's libdevice by an
--- ulp or two; float16/bfloat16 may then land one rounding step apart.
-local TOLERANCE = {
-  float32 = { 1e-5, 1e-6 }, float64 = { 1e-12, 1e-13 }, float16 = { 2e-3, 1e-4 }, bfloat16 = { 1.6e-2, 1e-5 },
-  int64 = { 0, 0 }, int32 = { 0, 0 }, uint8 = { 0, 0 }, bool = { 0, 0 },
-}
 -- Ops made of IEEE-exact steps only (+ - * /, sqrt, rounding, comparisons): bit-identical results.
 local EXACT = {
   neg = true, abs = true, sign = true, sqrt = true, rsqrt = true, relu = true, floor = true, ceil = true,
@@ -116,90 +99,22 @@ local EXACT = {
   clamp = true, copy = true, fill = true, arange = true,
 }
 
--- Largest relative error per case and dtype, printed at the end.
-local worst, case_order = {}, {}
-local function record(case, dtype, rel)
-  if not worst[case] then worst[case] = {}; case_order[#case_order + 1] = case end
-  worst[case][dtype] = math.max(worst[case][dtype] or 0, rel)
-end
-
-local function print_error_table()
-  if #case_order == 0 then return end
-  local cols = { 'float32', 'float64', 'float16', 'bfloat16', 'int64', 'int32', 'uint8', 'bool' }
-  local lines = { '', 'cuda vs cpu: largest relative error (0 = bit-identical, - = not run)',
-                  string.format('%-22s' .. string.rep('%10s', #cols), 'case', unpack(cols)) }
-  for _, case in ipairs(case_order) do
-    local cells = {}
-    for i, d in ipairs(cols) do
-      local v = worst[case][d]
-      cells[i] = v == nil and '-' or v == 0 and '0' or string.format('%.1e', v)
-    end
-    lines[#lines + 1] = string.format('%-22s' .. string.rep('%10s', #cols), case, unpack(cells))
-  end
-  io.stdout:write(table.concat(lines, '\n') .. '\n')
-end
-
--- Asserts that a GPU result equals the CPU's: same dtype and shape, NaNs and infinities in the
--- same places, finite values within tolerance, or exactly where `op` (default: the case) is EXACT.
--- The error table files it under the case (less any "(...)" variant) and `column` (default: the
--- result dtype).
+-- CS.check, exact where `op` (default: the case) is EXACT; the error table files the result under
+-- `column` (default: its dtype).
 local function assert_parity(case, got, want, op, column)
-  assert.equals('cuda:0', got.device, case .. ': result device')
-  assert.equals(want.dtype, got.dtype, case .. ': result dtype')
-  assert.equals(tostring(want.shape), tostring(got.shape), case .. ': result shape')
-  local dtype = want.dtype
-  local rtol, atol = 0, 0
-  if not EXACT[op or case] then rtol, atol = TOLERANCE[dtype][1], TOLERANCE[dtype][2] end
-  local g, n = core.host_values(got)
-  local c = core.host_values(want)
-  local rel = 0
-  for i = 0, n - 1 do
-    local x, y = g[i], c[i]
-    local ok
-    if y ~= y then ok = x ~= x
-    elseif y == math.huge or y == -math.huge then ok = x == y
-    else
-      local err = math.abs(x - y)
-      ok = err <= atol + rtol * math.abs(y)
-      if ok and err > 0 then rel = math.max(rel, err / math.max(math.abs(y), 1e-300)) end
-    end
-    if not ok then
-      error(string.format('%s (%s): element %d is %.17g on cuda, %.17g on cpu', case, dtype, i, x, y), 0)
-    end
-  end
-  record((case:gsub(' %(.*%)$', '')), column or dtype, rel)
+  CS.check(case, got, want, { exact = EXACT[op or case], column = column })
 end
 
--- A [8, 12] CPU tensor of dtype: values in [-4, 4] with NaN, infinities and signed zeros for
--- floats; integers in [-20, 20] (never 0 when nonzero) otherwise.
+-- CS.base's [8, 12] tensor of dtype (integers never 0 when nonzero).
 local function cpu_base(dtype, seed, nonzero)
-  local flat = S.randoms(96, seed, -4, 4)
-  if core.is_floating(core.dtype(dtype)) then
-    local special = { 0 / 0, math.huge, -math.huge, 0, -0.0, 0.5, -2.5, 1, 2, -1 }
-    for i, v in ipairs(special) do flat[(i * 7) % 96 + 1] = v end
-  else
-    for i = 1, 96 do
-      flat[i] = math.floor(flat[i] * 5)
-      if nonzero and flat[i] == 0 then flat[i] = 7 end
-    end
-  end
-  return T.tensor(S.nest(flat, { 8, 12 }), { dtype = 'float64' }):to(dtype)
+  return CS.base(dtype, seed, nil, { nonzero = nonzero })
 end
 
--- Non-contiguous views, applied alike to the CPU tensor and its GPU copy.
-local VIEWS = {
-  { 'transposed', function(t) return t:t() end },
-  { 'step-sliced', function(t) return t:slice(1, 1, nil, 3) end },
-  { 'permuted 3-d', function(t) return t:view(2, 4, 12):permute(2, 0, 1) end },
-  { 'broadcast', function(t) return t:select(0, 2):unsqueeze(0):expand(5, 12) end },
-}
-
--- CPU and GPU copies of the same non-contiguous values.
+-- CPU and GPU copies of the same values, seen through `view` (one of CS.VIEWS).
 local function pair(dtype, seed, view, nonzero)
-  local c = cpu_base(dtype, seed, nonzero)
-  local g = c:cuda()
+  local c, g = CS.pair(dtype, seed, view, nil, { nonzero = nonzero })
   assert.is_true(g.is_cuda)
-  return view(c), view(g)
+  return c, g
 end
 
 local UNARY = { 'neg', 'abs', 'sign', 'exp', 'expm1', 'log', 'log1p', 'sqrt', 'rsqrt', 'tanh', 'sigmoid',
@@ -209,10 +124,10 @@ local BINARY = { 'add', 'sub', 'mul', 'div', 'pow', 'maximum', 'minimum', 'remai
   'eq', 'ne', 'lt', 'le', 'gt', 'ge', 'logical_and', 'logical_or', 'logical_xor' }
 
 describe('cuda parity with the cpu', function()
-  teardown(print_error_table)
+  teardown(function() CS.report('elementwise') end)
 
-  gpu_it('host <-> device round trips keep every value of every dtype', function()
-    for _, dtype in ipairs(ALL_DTYPES) do
+  CS.it('host <-> device round trips keep every value of every dtype', function()
+    for _, dtype in ipairs(CS.ALL_DTYPES) do
       local c = cpu_base(dtype, 3)
       local g = c:cuda()
       assert.equals('cuda:0', g.device)
@@ -225,8 +140,8 @@ describe('cuda parity with the cpu', function()
     end
   end)
 
-  gpu_it('copy converts every dtype to every dtype like the cpu (strided source and destination)', function()
-    for si, src_dtype in ipairs(ALL_DTYPES) do
+  CS.it('copy converts every dtype to every dtype like the cpu (strided source and destination)', function()
+    for si, src_dtype in ipairs(CS.ALL_DTYPES) do
       -- out-of-range and fractional values exercise saturation, wrapping and bool = v != 0
       local base = cpu_base('float64', 40 + si) * 70
       base[{ 0, 0 }] = 1e20
@@ -235,7 +150,7 @@ describe('cuda parity with the cpu', function()
       base[{ 0, 3 }] = 0.25
       local c_src = base:to(src_dtype):t()
       local g_src = base:to(src_dtype):cuda():t()
-      for _, dst_dtype in ipairs(ALL_DTYPES) do
+      for _, dst_dtype in ipairs(CS.ALL_DTYPES) do
         local want = c_src:to(dst_dtype)
         assert_parity('copy', g_src:to(dst_dtype), want)
         -- into a transposed (non-contiguous) destination on the device
@@ -246,7 +161,7 @@ describe('cuda parity with the cpu', function()
     end
   end)
 
-  gpu_it('copy_ across devices broadcasts and converts into non-contiguous views', function()
+  CS.it('copy_ across devices broadcasts and converts into non-contiguous views', function()
     local src = cpu_base('float64', 9):slice(1, 0, nil, 2)         -- [8, 6], strided, on the cpu
     local g = T.zeros(6, 8, { dtype = 'float16', device = 'cuda' })
     g:t():copy_(src)                                               -- cpu -> strided gpu view
@@ -261,8 +176,8 @@ describe('cuda parity with the cpu', function()
     S.assert_error(function() grid:copy_(T.ones(5, { device = 'cuda' })) end, 'copy_', 'broadcast')
   end)
 
-  gpu_it('fill and full match the cpu for every dtype and awkward values', function()
-    for _, dtype in ipairs(ALL_DTYPES) do
+  CS.it('fill and full match the cpu for every dtype and awkward values', function()
+    for _, dtype in ipairs(CS.ALL_DTYPES) do
       for _, v in ipairs { 1.5, -2.7, 0 / 0, 1e10, -1e30, 0, -0.0, 255.6, 65520, math.huge } do
         assert_parity('fill', T.full({ 3, 5 }, v, { dtype = dtype, device = 'cuda' }), T.full({ 3, 5 }, v, { dtype = dtype }))
         local g, c = T.ones(4, 10, { dtype = dtype, device = 'cuda' }), T.ones(4, 10, { dtype = dtype })
@@ -277,8 +192,8 @@ describe('cuda parity with the cpu', function()
     end
   end)
 
-  gpu_it('arange, linspace and eye match the cpu', function()
-    for _, dtype in ipairs(ALL_DTYPES) do
+  CS.it('arange, linspace and eye match the cpu', function()
+    for _, dtype in ipairs(CS.ALL_DTYPES) do
       for _, r in ipairs { { 0, 10, 1 }, { -3, 7.5, 0.3 }, { 5, -5, -0.7 }, { 0, 300, 1.1 } } do
         local opts = { dtype = dtype }
         local want = T.arange(r[1], r[2], r[3], opts)
@@ -293,10 +208,10 @@ describe('cuda parity with the cpu', function()
     assert.equals(0, T.arange(3, 3, { device = 'cuda' }):numel())
   end)
 
-  gpu_it('every unary op matches the cpu on non-contiguous inputs', function()
+  CS.it('every unary op matches the cpu on non-contiguous inputs', function()
     for _, name in ipairs(UNARY) do
-      for di, dtype in ipairs(DTYPES) do
-        for vi, view in ipairs(VIEWS) do
+      for di, dtype in ipairs(CS.NUMERIC) do
+        for vi, view in ipairs(CS.VIEWS) do
           local c, g = pair(dtype, di * 100 + vi, view[2])
           assert_parity(name, g[name](g), c[name](c), name, dtype)
         end
@@ -304,9 +219,9 @@ describe('cuda parity with the cpu', function()
     end
   end)
 
-  gpu_it('in-place unary ops write through non-contiguous views', function()
+  CS.it('in-place unary ops write through non-contiguous views', function()
     for _, name in ipairs { 'exp', 'neg', 'floor', 'sigmoid', 'relu' } do
-      for _, dtype in ipairs(FLOATS) do
+      for _, dtype in ipairs(CS.FLOATS) do
         local c, g = cpu_base(dtype, 5), cpu_base(dtype, 5):cuda()
         local cv, gv = c:t(), g:t()
         cv[name .. '_'](cv)
@@ -316,12 +231,12 @@ describe('cuda parity with the cpu', function()
     end
   end)
 
-  gpu_it('every binary op matches the cpu with non-contiguous, broadcast and scalar operands', function()
+  CS.it('every binary op matches the cpu with non-contiguous, broadcast and scalar operands', function()
     for _, name in ipairs(BINARY) do
       local dividing = name == 'remainder' or name == 'floor_divide'
-      for di, dtype in ipairs(DTYPES) do
-        local ca, ga = pair(dtype, di * 10 + 1, VIEWS[1][2], dividing)
-        local cb, gb = pair(dtype, di * 10 + 2, VIEWS[1][2], dividing)   -- [12, 8] like a
+      for di, dtype in ipairs(CS.NUMERIC) do
+        local ca, ga = pair(dtype, di * 10 + 1, CS.VIEWS[2][2], dividing)
+        local cb, gb = pair(dtype, di * 10 + 2, CS.VIEWS[2][2], dividing)   -- [12, 8] like a
         local crow, grow = cb:select(0, 4), gb:select(0, 4)                -- [8], broadcast over rows
         local ccol, gcol = cb:select(1, 3):unsqueeze(1), gb:select(1, 3):unsqueeze(1) -- [12, 1]
         local f = T[name]
@@ -336,20 +251,20 @@ describe('cuda parity with the cpu', function()
     end
   end)
 
-  gpu_it('binary ops promote mixed dtypes like the cpu', function()
+  CS.it('binary ops promote mixed dtypes like the cpu', function()
     local pairs_ = { { 'float16', 'float32' }, { 'bfloat16', 'float16' }, { 'int64', 'float32' },
                      { 'int32', 'int64' }, { 'uint8', 'bool' }, { 'float64', 'bfloat16' } }
     for i, p in ipairs(pairs_) do
-      local ca, ga = pair(p[1], i, VIEWS[2][2])
-      local cb, gb = pair(p[2], i + 50, VIEWS[2][2])
+      local ca, ga = pair(p[1], i, CS.VIEWS[3][2])
+      local cb, gb = pair(p[2], i + 50, CS.VIEWS[3][2])
       for _, name in ipairs { 'add', 'mul', 'div', 'maximum', 'lt', 'logical_xor' } do
         assert_parity('mixed ' .. name, T[name](ga, gb), T[name](ca, cb), name)
       end
     end
   end)
 
-  gpu_it('in-place binary ops write through non-contiguous views', function()
-    for _, dtype in ipairs(DTYPES) do
+  CS.it('in-place binary ops write through non-contiguous views', function()
+    for _, dtype in ipairs(CS.NUMERIC) do
       local c, g = cpu_base(dtype, 8), cpu_base(dtype, 8):cuda()
       local cb, gb = cpu_base(dtype, 9):select(0, 1), cpu_base(dtype, 9):cuda():select(0, 1)
       c:slice(1, 0, nil, 2):add_(cb:slice(0, 0, nil, 2))
@@ -361,17 +276,17 @@ describe('cuda parity with the cpu', function()
     end
   end)
 
-  gpu_it('float16 with a scalar that float16 cannot hold stays within rounding of the cpu', function()
+  CS.it('float16 with a scalar that float16 cannot hold stays within rounding of the cpu', function()
     -- The runtime stores a weak scalar in the backend's compute dtype, float16 on CUDA, so 0.1
     -- becomes float16(0.1) there and float32(0.1) on the cpu: at most a rounding step apart.
     for _, dtype in ipairs { 'float16', 'bfloat16' } do
-      local c, g = pair(dtype, 77, VIEWS[1][2])
+      local c, g = pair(dtype, 77, CS.VIEWS[2][2])
       assert_parity('mul 0.1', g * 0.1, c * 0.1)   -- not EXACT: within a rounding step
       assert_parity('add 0.1', g + 0.1, c + 0.1)
     end
   end)
 
-  gpu_it('integer floor division and remainder by zero raise an error', function()
+  CS.it('integer floor division and remainder by zero raise an error', function()
     local a = T.tensor({ 5, -7, 9 }, { dtype = 'int64', device = 'cuda' })
     local b = T.tensor({ 2, 0, 3 }, { dtype = 'int64', device = 'cuda' })
     S.assert_error(function() return T.floor_divide(a, b) end, 'floor_divide', 'division by zero')
@@ -381,12 +296,12 @@ describe('cuda parity with the cpu', function()
     assert.same({ 2, 2, 0 }, (a % 3):totable())
   end)
 
-  gpu_it('where matches the cpu for every dtype, broadcast and scalar operands', function()
-    for di, dtype in ipairs(ALL_DTYPES) do
-      local cc, gc = pair('float64', 500 + di, VIEWS[1][2])
+  CS.it('where matches the cpu for every dtype, broadcast and scalar operands', function()
+    for di, dtype in ipairs(CS.ALL_DTYPES) do
+      local cc, gc = pair('float64', 500 + di, CS.VIEWS[2][2])
       local ccond, gcond = cc:gt(0), gc:gt(0)
-      local ca, ga = pair(dtype, 600 + di, VIEWS[1][2])
-      local cb, gb = pair(dtype, 700 + di, VIEWS[1][2])
+      local ca, ga = pair(dtype, 600 + di, CS.VIEWS[2][2])
+      local cb, gb = pair(dtype, 700 + di, CS.VIEWS[2][2])
       assert_parity('where', T.where(gcond, ga, gb), T.where(ccond, ca, cb))
       assert_parity('where', T.where(gcond:select(0, 0), ga, gb:select(1, 2):unsqueeze(1)),
                     T.where(ccond:select(0, 0), ca, cb:select(1, 2):unsqueeze(1)))
@@ -394,9 +309,9 @@ describe('cuda parity with the cpu', function()
     end
   end)
 
-  gpu_it('clamp matches the cpu, NaN passing through and integer bounds rounding inward', function()
-    for di, dtype in ipairs(DTYPES) do
-      local c, g = pair(dtype, 900 + di, VIEWS[2][2])
+  CS.it('clamp matches the cpu, NaN passing through and integer bounds rounding inward', function()
+    for di, dtype in ipairs(CS.NUMERIC) do
+      local c, g = pair(dtype, 900 + di, CS.VIEWS[3][2])
       for _, b in ipairs { { -1, 1 }, { 0.5, nil }, { nil, 2.5 }, { 2, -2 }, { -100, 100 } } do
         assert_parity('clamp', g:clamp(b[1], b[2]), c:clamp(b[1], b[2]))
       end
@@ -407,13 +322,13 @@ describe('cuda parity with the cpu', function()
     end
   end)
 
-  gpu_it('ops refuse tensors on different devices', function()
+  CS.it('ops refuse tensors on different devices', function()
     local g, c = T.ones(3, { device = 'cuda' }), T.ones(3)
     S.assert_error(function() return g + c end, 'add', 'different devices', 'cuda:0', 'cpu')
     S.assert_error(function() return T.where(c:gt(0), g, g) end, 'where', 'different devices')
   end)
 
-  gpu_it('results are ready without an explicit synchronize, and synchronize works', function()
+  CS.it('results are ready without an explicit synchronize, and synchronize works', function()
     local x = T.arange(0, 100000, { dtype = 'float32', device = 'cuda' })
     for _ = 1, 20 do x = x + 1 end
     assert.equals(100019, x[99999]:item())
@@ -422,7 +337,7 @@ describe('cuda parity with the cpu', function()
     assert.is_true(T.cuda.memory_stats().live > 0)
   end)
 
-  gpu_it('large tensors: the grid-stride loop and 64-bit indexing past 2^32 elements', function()
+  CS.it('large tensors: the grid-stride loop and 64-bit indexing past 2^32 elements', function()
     -- 2^32 + 16 bytes: more elements than one grid covers and than 32-bit index math holds.
     local n = 2 ^ 32 + 16
     local x = T.arange(n, { dtype = 'uint8', device = 'cuda' })          -- x[i] = i mod 256

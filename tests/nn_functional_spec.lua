@@ -21,18 +21,9 @@ end
 
 local function rand(...) return (rand_values(...)) end
 
-local function leaf(shape, seed, lo, hi, strided)
-  local t = rand(shape, seed, lo, hi, strided)
-  return t:requires_grad_()
-end
+local leaf, gradcheck = S.grad_leaf, S.gradcheck
 
 local function flat(t) return S.flatten({ t:totable() }) end
-
-local function gradcheck(name, fn, inputs, opts)
-  opts = opts or {}
-  opts.name = name
-  assert(T.gradcheck(fn, inputs, opts))
-end
 
 local function mean_of(v, i0, n, step)
   local s = 0

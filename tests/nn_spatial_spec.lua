@@ -21,15 +21,8 @@ local function rand(shape, seed, dtype, lo, hi)
 end
 
 -- A float64 leaf that requires grad; strided (non-contiguous) when asked.
-local function leaf(shape, seed, strided)
-  local t = rand(shape, seed)
-  if strided then t = S.noncontiguous(t) end
-  return t:requires_grad_()
-end
-
-local function check_grad(name, fn, inputs)
-  assert(T.gradcheck(fn, inputs, { name = name }))
-end
+local function leaf(shape, seed, strided) return S.grad_leaf(shape, seed, nil, nil, strided) end
+local check_grad = S.gradcheck
 
 -- ---- references: direct loops over flat row-major values ---------------------------------------
 local function conv_ref(x, xs, w, ws, b, o)

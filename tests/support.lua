@@ -85,4 +85,20 @@ function S.noncontiguous(t)
   return v
 end
 
+-- A float64 leaf that requires grad, with values in [lo, hi) (default [-1, 1)); strided when asked.
+function S.grad_leaf(shape, seed, lo, hi, strided)
+  local n = 1
+  for _, s in ipairs(shape) do n = n * s end
+  local t = T.tensor(S.nest(S.randoms(n, seed, lo or -1, hi or 1), shape), { dtype = 'float64' })
+  if strided then t = S.noncontiguous(t) end
+  return t:requires_grad_()
+end
+
+-- Asserts that T.gradcheck passes for fn at inputs; the failure names the case.
+function S.gradcheck(name, fn, inputs, opts)
+  opts = opts or {}
+  opts.name = name
+  assert(T.gradcheck(fn, inputs, opts))
+end
+
 return S
