@@ -17,9 +17,7 @@ local function tol(dtype)
   return { rtol = 2e-4, atol = 2e-5 }
 end
 
-local function rand(dtype, seed, shape, lo, hi)
-  return CS.base(dtype, seed, shape, { specials = false, lo = lo or -1, hi = hi or 1 })
-end
+local rand = CS.rand
 
 local function attention(opts)
   return function(q, k, v, bias)

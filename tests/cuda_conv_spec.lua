@@ -17,9 +17,7 @@ local function tol(dtype, scale)
   return { rtol = t[dtype][1] * scale, atol = t[dtype][2] * scale }
 end
 
-local function rand(dtype, seed, shape, lo, hi)
-  return CS.base(dtype, seed, shape, { specials = false, lo = lo or -1, hi = hi or 1 })
-end
+local rand = CS.rand
 
 -- { name, input shape, weight shape, options }
 local CONVS = {

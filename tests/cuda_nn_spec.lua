@@ -20,9 +20,7 @@ local function tol(dtype, scale)
   return { rtol = t[dtype][1] * scale, atol = t[dtype][2] * scale }
 end
 
-local function rand(dtype, seed, shape, lo, hi)
-  return CS.base(dtype, seed, shape, { specials = false, lo = lo or -1, hi = hi or 1 })
-end
+local rand = CS.rand
 
 -- A non-contiguous view with x's values (every other column of a wider tensor).
 local function strided(x)

@@ -22,7 +22,7 @@ local function tensor_of(dtype, seed, shape, lo, hi)
   for _, s in ipairs(shape) do
     if s == 0 then return T.zeros(shape, { dtype = dtype }) end
   end
-  return CS.base(dtype, seed, shape, { specials = false, lo = lo or -1, hi = hi or 1 })
+  return CS.rand(dtype, seed, shape, lo, hi)
 end
 
 -- The same parameters (leaves that require grad) on the cpu and on the gpu.

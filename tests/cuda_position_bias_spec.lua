@@ -19,9 +19,7 @@ local function tol(dtype, scale)
   return { rtol = 1e-4, atol = 1e-5 * scale }
 end
 
-local function rand(dtype, seed, shape, lo, hi)
-  return CS.base(dtype, seed, shape, { specials = false, lo = lo or -1, hi = hi or 1 })
-end
+local rand = CS.rand
 
 -- Random coordinates [W, C, N]: distinct per token (no zero difference off the diagonal).
 local function random_positions(dtype, seed, W, C, N)

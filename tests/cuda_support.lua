@@ -131,6 +131,11 @@ CS.VIEWS = {
   { 'broadcast', function(t) return t:select(0, 2):unsqueeze(0):expand(5, 12) end },
 }
 
+-- A CPU tensor of finite values in [lo, hi) (default [-1, 1)): the inputs of numeric kernels.
+function CS.rand(dtype, seed, shape, lo, hi)
+  return CS.base(dtype, seed, shape, { specials = false, lo = lo or -1, hi = hi or 1 })
+end
+
 -- The same values on both devices, seen through `view` (default: as they are).
 function CS.pair(dtype, seed, view, shape, opts)
   local c = CS.base(dtype, seed, shape, opts)
