@@ -95,6 +95,16 @@ static int64_t chunk_samples(const conv_geom *q) {
   return nb < 1 ? 1 : nb > q->N ? q->N : nb;
 }
 
+/* The cols buffer for chunks of nb samples, in r->buf (none when the products read x directly). */
+static int column_buffer(conv_run *r, int64_t nb, ts_device device, ts_tensor **buf) {
+  *buf = NULL;
+  if (r->q.kind == COLS_DIRECT) return TS_OK;
+  int64_t n = nb * r->q.C * r->q.kh * r->q.kw * r->q.L;
+  if (!(*buf = ts_empty(1, &n, r->q.dtype, device))) return ts_last_status();
+  r->buf = ts_elem_ptr(*buf);
+  return TS_OK;
+}
+
 static const char *at(const char *base, int64_t elems, int64_t esz) { return base + elems * esz; }
 static char *at_mut(char *base, int64_t elems, int64_t esz) { return base + elems * esz; }
 
@@ -433,11 +443,7 @@ int cpu_conv2d(ts_tensor *out, const ts_tensor *x, const ts_tensor *w, const ts_
   if (check_blas_sizes(&r.q)) return ts_last_status();
   int64_t nb = chunk_samples(&r.q);
   ts_tensor *buf = NULL;
-  if (r.q.kind != COLS_DIRECT) {
-    int64_t n = nb * r.q.C * r.q.kh * r.q.kw * r.q.L;
-    if (!(buf = ts_empty(1, &n, r.q.dtype, out->device))) return ts_last_status();
-    r.buf = ts_elem_ptr(buf);
-  }
+  if (column_buffer(&r, nb, out->device, &buf)) return ts_last_status();
   for (r.n0 = 0; r.n0 < r.q.N; r.n0 += nb) {
     r.nb = r.q.N - r.n0 < nb ? r.q.N - r.n0 : nb;
     pack_chunk(&r);
@@ -537,11 +543,7 @@ int cpu_conv2d_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_te
   if (gw) memset(r.gw, 0, (size_t)(ts_numel(gw) * r.q.esz));
   int64_t nb = chunk_samples(&r.q);
   ts_tensor *buf = NULL;
-  if (r.q.kind != COLS_DIRECT) {
-    int64_t n = nb * r.q.C * r.q.kh * r.q.kw * r.q.L;
-    if (!(buf = ts_empty(1, &n, r.q.dtype, x->device))) return ts_last_status();
-    r.buf = ts_elem_ptr(buf);
-  }
+  if (column_buffer(&r, nb, x->device, &buf)) return ts_last_status();
   for (r.n0 = 0; r.n0 < r.q.N; r.n0 += nb) {
     r.nb = r.q.N - r.n0 < nb ? r.q.N - r.n0 : nb;
     backward_chunk(&r);
