@@ -624,9 +624,16 @@ static int augment_into(ts_data_loader *l, data_scratch *s, int64_t sample, int6
   return 0;
 }
 
+/* Reports a bad file once. The mark is set only after its line is written (under the lock, so two
+   workers failing one file print it once): a worker that skips a marked file, and may then fail
+   its batch saying every file was reported, never runs ahead of the report. */
 static void report_bad_file(ts_data_loader *l, int64_t sample, const char *msg) {
-  if (__atomic_exchange_n(&l->bad[sample], 1, __ATOMIC_ACQ_REL)) return; /* reported already */
-  fprintf(stderr, "tessera data: skipping '%s': %s\n", ts_data_path(l->data, sample), msg);
+  pthread_mutex_lock(&l->lock);
+  if (!l->bad[sample]) {
+    fprintf(stderr, "tessera data: skipping '%s': %s\n", ts_data_path(l->data, sample), msg);
+    __atomic_store_n(&l->bad[sample], 1, __ATOMIC_RELEASE);
+  }
+  pthread_mutex_unlock(&l->lock);
 }
 
 /* Fills slot k of batch b; returns 0 with *skipped set, or -1 with err. */
