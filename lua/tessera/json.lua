@@ -301,11 +301,23 @@ local function encode_number(x, path)
   return format('%.17g', x)
 end
 
--- 'array' (keys exactly 1..n, or marked) or 'object' (string keys; {} is an object unless marked).
+-- Every key of t. A while loop over next, not pairs: Debian 12's LuaJIT (git 2022-03-20) can end a
+-- pairs loop early once a trace around it is blacklisted (LuaJIT issue #827), dropping keys silently.
+local function keys_of(t)
+  local keys, k = {}, next(t)
+  while k ~= nil do
+    keys[#keys + 1] = k
+    k = next(t, k)
+  end
+  return keys
+end
+
+-- 'array' (keys exactly 1..n, or marked) or 'object' (string keys; {} is an object unless marked),
+-- the entry count, and an object's keys.
 local function table_kind(t, path)
-  local count, max_index, non_index, non_string = 0, 0, nil, nil
-  for k in pairs(t) do
-    count = count + 1
+  local keys = keys_of(t)
+  local count, max_index, non_index, non_string = #keys, 0, nil, nil
+  for _, k in ipairs(keys) do
     if type(k) == 'number' and k == floor(k) and k >= 1 then
       if k > max_index then max_index = k end
     else
@@ -326,14 +338,14 @@ local function table_kind(t, path)
     encode_error(path, format('object keys must be strings, got %s %s (a table that mixes list entries and '
       .. 'string keys is neither an array nor an object)', type(non_string), tostring(non_string)))
   end
-  return 'object', count
+  return 'object', count, keys
 end
 
 local encode_value
 
 local function encode_table(t, E, path, level)
   if E.active[t] then encode_error(path, 'a table contains itself (cycles cannot be JSON)') end
-  local kind, count = table_kind(t, path)
+  local kind, count, keys = table_kind(t, path)
   if count == 0 then return kind == 'array' and '[]' or '{}' end
   E.active[t] = true
   local inner = E.indent and ('\n' .. E.indent:rep(level + 1)) or ''
@@ -345,8 +357,6 @@ local function encode_table(t, E, path, level)
       items[i] = inner .. encode_value(t[i], E, path, level + 1)
     end
   else
-    local keys = {}
-    for k in pairs(t) do keys[#keys + 1] = k end
     table.sort(keys)
     for i, k in ipairs(keys) do
       path[depth + 1] = '.' .. k
