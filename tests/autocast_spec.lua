@@ -2,6 +2,7 @@
 -- on error; on the CPU it changes nothing (outputs and gradients bit-identical); with a GPU
 -- (pending otherwise) products run in bfloat16, norms and losses in float32, casts are recorded so
 -- float32 parameters get float32 gradients, close to the float32 results within bfloat16 rounding.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
 local CS = require 'cuda_support'
@@ -18,7 +19,7 @@ end
 local function small_net(device)
   T.manual_seed(7)
   local net = { fc1 = nn.Linear(24, 32), norm = nn.LayerNorm(32), fc2 = nn.Linear(32, 8) }
-  for _, m in pairs(net) do m:to(device) end
+  for _, m in each(net) do m:to(device) end
   return net
 end
 

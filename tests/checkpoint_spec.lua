@@ -1,6 +1,7 @@
 -- checkpoint_spec.lua — tessera.checkpoint: round trips of every section, strictness about missing
 -- pieces, tolerance of unknown ones, clear errors for foreign or corrupt files, and crash safety
 -- (a writer killed with SIGKILL mid-save never leaves a torn file under the final name).
+local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
 local checkpoint = require 'tessera.checkpoint'
@@ -44,8 +45,8 @@ local function loader(epoch, position) return setmetatable({ epoch = epoch, posi
 local function rewrite(src, dst, edit)
   local tensors, meta = T.load(src)
   local copy_t, copy_m = {}, {}
-  for k, v in pairs(tensors) do copy_t[k] = v:clone() end
-  for k, v in pairs(meta) do copy_m[k] = v end
+  for k, v in each(tensors) do copy_t[k] = v:clone() end
+  for k, v in each(meta) do copy_m[k] = v end
   edit(copy_t, copy_m)
   T.save(dst, copy_t, { metadata = copy_m })
 end
@@ -73,9 +74,9 @@ describe('checkpoint', function()
     T.manual_seed(999)
     local b = checkpoint.restore(path, { model = model2, optimizer = opt2, loader = l2, generators = { mask = gen2 } })
 
-    for name, t in pairs(model:state_dict()) do same_bits(model2:state_dict()[name], t, name) end
+    for name, t in each(model:state_dict()) do same_bits(model2:state_dict()[name], t, name) end
     local s1, s2 = opt:state_dict(), opt2:state_dict()
-    for i, entry in pairs(s1.state) do
+    for i, entry in each(s1.state) do
       same_bits(s2.state[i].exp_avg, entry.exp_avg, 'exp_avg ' .. i)
       same_bits(s2.state[i].exp_avg_sq, entry.exp_avg_sq, 'exp_avg_sq ' .. i)
       assert.are.equal(entry.step, s2.state[i].step)

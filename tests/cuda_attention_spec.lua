@@ -3,6 +3,7 @@
 -- 256-token decoder, cross attention, head dims 16 to 128 and unequal q/k and v widths, causal and
 -- boolean masks, rows masked entirely (zeros, zero gradients), packed projections; gradients of q,
 -- k, v and the bias through autograd, in every float dtype. Pending without a GPU.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
 local CS = require 'cuda_support'
@@ -22,7 +23,7 @@ local rand = CS.rand
 local function attention(opts)
   return function(q, k, v, bias)
     local o = {}
-    for key, val in pairs(opts or {}) do o[key] = val end
+    for key, val in each(opts or {}) do o[key] = val end
     o.bias = bias
     return F.scaled_dot_product_attention(q, k, v, o)
   end

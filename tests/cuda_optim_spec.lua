@@ -4,6 +4,7 @@
 -- takes, tensors larger than one block's chunk and empty ones; the total gradient norm (1, 2, 3,
 -- inf, NaN) and clip_grad_norm_. The updates are written without fused multiply-adds, so they
 -- should match the CPU to the last bit (the error table shows it). Pending without a GPU.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local CS = require 'cuda_support'
 
@@ -80,8 +81,8 @@ end
 -- Two groups: the first half of the parameters with their own lr and weight decay.
 local function groups(params, first, rest)
   local a, b = { params = {} }, { params = {} }
-  for k, v in pairs(first) do a[k] = v end
-  for k, v in pairs(rest) do b[k] = v end
+  for k, v in each(first) do a[k] = v end
+  for k, v in each(rest) do b[k] = v end
   for i, p in ipairs(params) do table.insert(i <= #params / 2 and a.params or b.params, p) end
   return { a, b }
 end

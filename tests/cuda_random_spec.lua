@@ -4,6 +4,7 @@
 -- offsets whose 128-bit counter carries, every dtype a draw takes, non-contiguous targets, and
 -- the generator advancing the same way. GPU targets are poisoned (NaN) first, so an element the
 -- kernel skipped cannot pass. Pending without a GPU.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local ffi = require 'ffi'
 local CS = require 'cuda_support'
@@ -86,7 +87,7 @@ describe('cuda random streams match the cpu', function()
     }
     for _, state in ipairs(STATES) do
       for _, shape in ipairs(SIZES) do
-        for dtype, list in pairs(ranges) do
+        for dtype, list in each(ranges) do
           for _, r in ipairs(list) do
             local c, g = draw_both(shape, dtype, state, function(t, gen) t:random_(r[1], r[2], gen) end)
             CS.check('randint', g, c, { exact = true })

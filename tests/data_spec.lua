@@ -2,6 +2,7 @@
 -- Images are made here: JPEGs through T.data.write_jpeg, PNGs through T.image.write_png, IDX files
 -- byte by byte (gzipped through zlib). Fashion-MNIST (Debian's dataset-fashion-mnist) is checked
 -- when installed.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
 local ffi = require 'ffi'
@@ -523,8 +524,8 @@ describe('T.data.Loader', function()
   local base = { batch_size = 4, image_size = 24, seed = 11, drop_last = false }
   local function opts(extra)
     local o = {}
-    for k, v in pairs(base) do o[k] = v end
-    for k, v in pairs(extra or {}) do o[k] = v end
+    for k, v in each(base) do o[k] = v end
+    for k, v in each(extra or {}) do o[k] = v end
     return o
   end
 

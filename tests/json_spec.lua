@@ -1,5 +1,6 @@
 -- json_spec.lua — T.json: the strict RFC 8259 decoder (escapes, surrogates, numbers, nesting,
 -- whitespace, errors with positions) and the deterministic encoder (round trips).
+local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
 local json = T.json
@@ -28,7 +29,7 @@ describe('json.decode', function()
       ['1.0000000000000002'] = 1.0000000000000002, ['9007199254740993'] = 9007199254740992,
       ['1e400'] = math.huge, ['4.9e-324'] = 4.9e-324,
     }
-    for text, want in pairs(cases) do assert.are.equal(want, json.decode(text), text) end
+    for text, want in each(cases) do assert.are.equal(want, json.decode(text), text) end
     assert.are.equal(-math.huge, 1 / json.decode('-0'))
   end)
 

@@ -1,6 +1,7 @@
 -- models_spec.lua — the model zoo beyond parity: construction from factories and official
 -- constructor names, the official initialization, the decoder position option, classifiers,
 -- and clear errors for impossible configurations.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
 local L = require 'tessera.models.layers'
@@ -10,7 +11,7 @@ local function micro_swin(extra)
   local kw = { img_size = 64, patch_size = 2, stride = 8, embed_dim = 8, depths = { 1, 1, 1, 1 },
     num_heads = { 1, 1, 2, 2 }, window_size = 4, posmlp_dim = 8, decoder_embed_dim = 16, decoder_depth = 1,
     decoder_num_heads = 2, norm_layer = { type = 'LayerNorm', eps = 1e-6 }, norm_pix_loss = true, vis_mask_ratio = 0.25 }
-  for k, v in pairs(extra or {}) do kw[k] = v end
+  for k, v in each(extra or {}) do kw[k] = v end
   return T.models.MaskedAutoencoderSwin(kw)
 end
 

@@ -1,6 +1,7 @@
 -- nn_functional_spec.lua — T.F.linear, layer_norm, batch_norm, group_norm, softmax, log_softmax,
 -- dropout, drop_path, cross_entropy, mse_loss, l1_loss, smooth_l1_loss: forward against plain-Lua
 -- float64 references, gradients by T.gradcheck (float64 central differences), errors by message.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
 local F = T.F
@@ -583,7 +584,7 @@ describe('F.mse_loss, F.l1_loss, F.smooth_l1_loss', function()
 
   it('match the references for every reduction, with broadcasting', function()
     local fns = { mse = F.mse_loss, l1 = F.l1_loss, smooth = F.smooth_l1_loss }
-    for kind, fn in pairs(fns) do
+    for kind, fn in each(fns) do
       local opts = kind == 'smooth' and { beta = 0.7 } or {}
       local values = {}
       for k, d in ipairs(diffs()) do values[k] = ref_pointwise(kind, d, 0.7) end

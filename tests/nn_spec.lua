@@ -1,5 +1,6 @@
 -- nn_spec.lua — the Module system: registration and PyTorch names, modes, state dicts,
 -- conversions, printing, initializers; and a small network that trains.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
 local nn = T.nn
@@ -93,7 +94,7 @@ describe('state dicts', function()
     assert.is_false(a.blocks[0].attn.qkv.weight:eq(b.blocks[0].attn.qkv.weight):all():item())
     local report = b:load_state_dict(a:state_dict())
     assert.same({}, report.missing_keys)
-    for name, t in pairs(a:state_dict()) do
+    for name, t in each(a:state_dict()) do
       assert.is_true(t:eq(b:state_dict()[name]):all():item(), name)
     end
     assert.equal(#b:state_dict_keys(), 22)

@@ -3,6 +3,7 @@
 -- momentum/dampening/nesterov/weight decay, parameter groups, skipped and frozen parameters,
 -- state_dict round trips, gradient clipping, the weight-decay and layer-decay group builders
 -- (ViT, Swin and PVT names), learning-rate schedules, gradient accumulation, and bad input.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
 local ffi = require 'ffi'
@@ -485,7 +486,7 @@ describe('param_groups_lrd', function()
       ['blocks.1.mlp.fc1.weight'] = { 2, 0.05 }, ['fc_norm.weight'] = { 3, 0 }, ['head.weight'] = { 3, 0.05 },
       ['head.bias'] = { 3, 0 },
     }
-    for name, e in pairs(expect) do
+    for name, e in each(expect) do
       local g = where[name]
       assert.is_not_nil(g, name)
       S.assert_close(g.lr_scale, d ^ (3 - e[1]), 1e-15, 0, name .. ' lr_scale')

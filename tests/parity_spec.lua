@@ -2,6 +2,7 @@
 -- ../shared/ref/ must pass `tessera parity` (loss rel 1e-5, every gradient rel 1e-3 with an
 -- absolute floor of 1e-6 for near-zero references); files of the same format with other sizes
 -- must work too, and a wrong gradient must be caught.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local P = require 'tessera.parity'
 
@@ -42,11 +43,11 @@ local function export(path, class, kwargs, inputs)
   end
   loss:backward()
   local tensors = {}
-  for name, t in pairs(model:state_dict()) do tensors[name] = t end
+  for name, t in each(model:state_dict()) do tensors[name] = t end
   for name, p in model:named_parameters() do
     if p.grad then tensors['grad.' .. name] = p.grad end
   end
-  for name, t in pairs(inputs) do tensors['input.' .. name] = t end
+  for name, t in each(inputs) do tensors['input.' .. name] = t end
   tensors['output.loss'] = loss:detach():reshape(1)
   tensors[(class == 'Swin' or class == 'PVT') and 'output.logits' or 'output.pred'] = out:detach()
   T.save(path, tensors, { metadata = { model_class = class, ctor_kwargs = T.json.encode(kwargs), format = 'ummae-ref/1' } })
@@ -79,7 +80,7 @@ describe('the parity tool', function()
       { imgs = T.randn(2, 3, 32, 32), labels = T.tensor({ 1, 4 }, { dtype = 'int64' }) })
     local tensors, meta = T.load(path)
     local copy = {}
-    for k, v in pairs(tensors) do copy[k] = v:clone() end
+    for k, v in each(tensors) do copy[k] = v:clone() end
     copy['grad.head.weight'] = copy['grad.head.weight'] * 1.01
     T.save(path, copy, { metadata = meta })
     local report = P.check(path)

@@ -1,6 +1,7 @@
 -- recipe_spec.lua — the recipe runner (tessera.recipe): option parsing and its errors, presets,
 -- --help, the JSONL log, checkpoints and exact resume, the NaN stop, and `tessera run` itself.
 -- The runs use tests/fixtures/linreg_recipe.lua (8 iterations per epoch, 2 epochs by default).
+local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
 local R = require 'tessera.recipe'
@@ -63,9 +64,9 @@ local function demo(fields)
     presets = { quick = { epochs = 1, lr = 0.1 }, big = { model = 'large', dims = '4,5' } },
     main = function(cfg) return cfg end,
   }
-  for k, v in pairs(fields or {}) do
+  for k, v in each(fields or {}) do
     if k == 'defaults' then
-      for name, default in pairs(v) do r.defaults[name] = default end
+      for name, default in each(v) do r.defaults[name] = default end
     else
       r[k] = v
     end
@@ -168,7 +169,7 @@ describe('recipe runs', function()
 
   local function same_final_weights(a, b)
     local ca, cb = checkpoint.load(a .. '/checkpoint.safetensors'), checkpoint.load(b .. '/checkpoint.safetensors')
-    for name, t in pairs(ca.model) do assert.is_true(cb.model[name]:eq(t):all():item(), name .. ' differs') end
+    for name, t in each(ca.model) do assert.is_true(cb.model[name]:eq(t):all():item(), name .. ' differs') end
     assert.are.same(ca.position, cb.position)
   end
 
@@ -240,7 +241,7 @@ describe('recipe runs', function()
       'the loss is nan at iteration 1', 'No checkpoint was saved before it')
     local c = checkpoint.load(path)
     assert.are.equal(8, c.position.step)
-    for name, t in pairs(c.model) do assert.is_true(t:isfinite():all():item(), name) end
+    for name, t in each(c.model) do assert.is_true(t:isfinite():all():item(), name) end
     assert.are.equal(10, #lines(read(b .. '/log.jsonl')))
     -- resuming rewinds the log to the checkpoint: the result equals the uninterrupted run
     run { '--output_dir', b, '--resume', 'auto' }

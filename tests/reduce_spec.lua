@@ -2,6 +2,7 @@
 -- all, any, var, std, norm, max/min (values and indices), argmax/argmin; dim sets, negative dims,
 -- keepdim, non-contiguous and broadcast inputs, dtypes, empty tensors, NaN, the parallel paths,
 -- and bad input.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
 
@@ -137,7 +138,7 @@ describe('sum, mean, prod, amax, amin', function()
   it('match the reference over every dim set, with and without keepdim, on any layout', function()
     for _, dtype in ipairs { 'float64', 'float32' } do
       local base, flat = random_tensor({ 3, 4, 5 }, 7, dtype)
-      for layout, t in pairs(layouts(base)) do
+      for layout, t in each(layouts(base)) do
         for _, dims in ipairs(DIM_SETS) do
           for _, name in ipairs { 'sum', 'mean', 'prod', 'amax', 'amin' } do
             for _, keepdim in ipairs { false, true } do
@@ -274,7 +275,7 @@ describe('all and any', function()
       float64 = T.tensor({ { 0.5, -2, 0 }, { NAN, 4, 1 } }, { dtype = 'float64' }),
       float16 = T.tensor({ { 0.5, -2, 0 }, { 1, 4, 1 } }, { dtype = 'float16' }),
     }
-    for dtype, t in pairs(spec) do
+    for dtype, t in each(spec) do
       local flat = values_of(t)
       for _, layout in ipairs { t, S.noncontiguous(t) } do
         for _, dims in ipairs { false, { 0 }, { 1 }, { -1 }, { 0, 1 } } do
@@ -304,7 +305,7 @@ describe('var and std', function()
   it('match the two-pass reference for every dim set, correction and layout', function()
     for _, dtype in ipairs { 'float64', 'float32' } do
       local base, flat = random_tensor({ 3, 4, 5 }, 5, dtype)
-      for layout, t in pairs(layouts(base)) do
+      for layout, t in each(layouts(base)) do
         for _, dims in ipairs(DIM_SETS) do
           for _, correction in ipairs { 1, 0, 2 } do
             local what = string.format('%s %s dims %s correction %d', dtype, layout, dims and shape_str(dims) or 'all', correction)
@@ -370,7 +371,7 @@ describe('norm', function()
   it('matches the reference for p = 2, 1, 0, 3, 0.5, -1, inf and -inf over dim sets', function()
     for _, dtype in ipairs { 'float64', 'float32' } do
       local base, flat = random_tensor({ 3, 4, 5 }, 13, dtype)
-      for layout, t in pairs(layouts(base)) do
+      for layout, t in each(layouts(base)) do
         for _, dims in ipairs { false, { 1 }, { -1 }, { 0, 2 } } do
           for _, p in ipairs { 2, 1, 0, 3, 0.5, -1, math.huge, -math.huge } do
             local what = string.format('%s %s p %s dims %s', dtype, layout, tostring(p), dims and shape_str(dims) or 'all')
@@ -450,7 +451,7 @@ describe('max and min', function()
   it('along a dim give values and first indices matching the reference, on any layout', function()
     for _, dtype in ipairs { 'float64', 'float32', 'int64' } do
       local base, flat = random_tensor({ 3, 4, 5 }, 17, dtype)
-      for layout, t in pairs(layouts(base)) do
+      for layout, t in each(layouts(base)) do
         for _, dim in ipairs { 0, 1, 2, -1, -3 } do
           for _, largest in ipairs { true, false } do
             for _, keepdim in ipairs { false, true } do

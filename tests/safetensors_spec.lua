@@ -1,6 +1,7 @@
 -- safetensors_spec.lua — T.save / T.load and the C reader/writer: round trips of every dtype and
 -- odd layouts, metadata, zero-copy mapping, tensors outliving their file, atomic writes, every
 -- kind of corrupt file, and the reference checkpoints in ../shared/ref.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
 local core = require 'tessera.core'
@@ -73,7 +74,7 @@ end
 
 local function count_keys(t)
   local n = 0
-  for _ in pairs(t) do n = n + 1 end
+  for _ in each(t) do n = n + 1 end
   return n
 end
 
@@ -119,7 +120,7 @@ describe('T.save / T.load round trips', function()
     local loaded, meta = T.load(p)
     assert.are.same({}, meta)
     assert.are.equal(10, count_keys(loaded))
-    for name, t in pairs(tensors) do assert_same(loaded[name], t, name) end
+    for name, t in each(tensors) do assert_same(loaded[name], t, name) end
     assert.are.equal('bool', loaded.bool.dtype)
   end)
 
@@ -139,7 +140,7 @@ describe('T.save / T.load round trips', function()
     local p = path_of('shapes.safetensors')
     T.save(p, tensors)
     local loaded = T.load(p)
-    for name, t in pairs(tensors) do
+    for name, t in each(tensors) do
       assert_same(loaded[name], t, name)
       -- (ts_is_contiguous calls some empty tensors non-contiguous: a core issue, reported)
       if t:numel() > 0 then assert.is_true(loaded[name]:is_contiguous(), name) end
@@ -167,7 +168,7 @@ describe('T.save / T.load round trips', function()
     assert.are.equal(0, n % 8)
     local size = { U8 = 1, BOOL = 1, F16 = 2, F32 = 4, F64 = 8, I64 = 8 }
     local ranges = {}
-    for name, e in pairs(header) do
+    for name, e in each(header) do
       if name ~= '__metadata__' then
         assert.are.equal(0, e.data_offsets[1] % size[e.dtype], name)
         ranges[#ranges + 1] = e.data_offsets
@@ -200,7 +201,7 @@ describe('T.save / T.load round trips', function()
     assert.are.same({ missing_keys = {}, unexpected_keys = {}, mismatched_keys = {} }, report)
     assert.are.equal('mlp', meta.arch)
     local want = net:state_dict()
-    for name, t in pairs(other:state_dict()) do assert_same(t, want[name], name) end
+    for name, t in each(other:state_dict()) do assert_same(t, want[name], name) end
 
     local wrong = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4))
     S.assert_error(function() T.load(p, { into = wrong }) end, 'shape mismatches', '0.weight')
@@ -300,7 +301,7 @@ describe('zero-copy loading', function()
     assert.are.equal(before, after)
     assert.is_false(t.a:shares_storage(t.b)) -- one storage per tensor: separate version counters
     local base = ffi.cast('char *', t.a:data_ptr())
-    for name, e in pairs(header) do
+    for name, e in each(header) do
       local delta = ffi.cast('char *', t[name]:data_ptr()) - base
       assert.are.equal(e.data_offsets[1] - header.a.data_offsets[1], tonumber(delta), name)
     end
@@ -590,6 +591,6 @@ describe('reference files in ../shared/ref', function()
     T.save(p, tensors, { metadata = meta })
     local again, meta2 = T.load(p)
     assert.are.same(meta, meta2)
-    for name, t in pairs(tensors) do assert_same(again[name], t, name) end
+    for name, t in each(tensors) do assert_same(again[name], t, name) end
   end)
 end)

@@ -1,5 +1,6 @@
 -- tensor_spec.lua — the tensor core: factories, views, conversions, elementwise math and
 -- broadcasting against plain-Lua references, type promotion, printing, memory, bad input.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
 
@@ -176,7 +177,7 @@ local positive_only = { log = true, sqrt = true, rsqrt = true, log1p = true }
 
 describe('elementwise math', function()
   it('every unary op matches its reference on float64 and float32, contiguous or not', function()
-    for name, ref in pairs(unary_ref) do
+    for name, ref in each(unary_ref) do
       local lo = positive_only[name] and 0.1 or -3
       local flat = S.randoms(12, 7, lo, 3)
       local expected = {}

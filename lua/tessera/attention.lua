@@ -14,6 +14,7 @@
 -- Also here, fused ops the UM-MAE models call (see each below):
 --   T.F.packed_attention(qkv, num_heads, {bias =, scale =, kv =})   heads straight from packed projections
 --   T.F.relative_position_bias(pos, w1, b1, w2, b2)                  Swin's continuous position bias MLP
+local each = require 'tessera.each'
 local core = require 'tessera.core'
 local C, T = core.C, core.T
 local wrap, handle = core.wrap, core.handle
@@ -25,10 +26,10 @@ local NAME = 'scaled_dot_product_attention'
 local VALID = { bias = true, attn_mask = true, scale = true, is_causal = true, dropout_p = true }
 
 local function check_options(opts)
-  for key in pairs(opts) do
+  for key in each(opts) do
     if not VALID[key] then
       local names = {}
-      for n in pairs(VALID) do names[#names + 1] = n end
+      for n in each(VALID) do names[#names + 1] = n end
       table.sort(names)
       error(string.format("%s: unknown option '%s' (valid: %s)", NAME, tostring(key), table.concat(names, ', ')), 0)
     end
@@ -106,7 +107,7 @@ function F.packed_attention(qkv, num_heads, opts)
   if type(opts) ~= 'table' or core.is_tensor(opts) then
     error(string.format('%s: the 3rd argument must be an options table, got %s', PACKED_NAME, type(opts)), 0)
   end
-  for key in pairs(opts) do
+  for key in each(opts) do
     if not PACKED_VALID[key] then
       error(string.format("%s: unknown option '%s' (valid: attn_mask, bias, kv, scale)", PACKED_NAME, tostring(key)), 0)
     end

@@ -1,6 +1,7 @@
 -- tessera.bench — what the tools/bench-* scripts share: argument parsing, a monotonic clock,
 -- interleaved timing, the machine's sgemm rate measured in the same run, tables and JSON output.
 -- Benchmarks report ratios measured in one run, because these machines are shared and noisy.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local ffi = require 'ffi'
 
@@ -21,7 +22,7 @@ end
 -- `false` marks a flag. Exits with usage on --help or an unknown argument.
 function B.args(tool, argv, spec, usage)
   local out = {}
-  for k, v in pairs(spec) do out[k] = v end
+  for k, v in each(spec) do out[k] = v end
   local i = 1
   while i <= #argv do
     local name = argv[i]:match('^%-%-([%w_]+)$')
@@ -69,7 +70,7 @@ end
 function B.interleaved(fns, rounds, round_seconds)
   local best = {}
   for _ = 1, rounds do
-    for name, fn in pairs(fns) do
+    for name, fn in each(fns) do
       local calls, t0 = 0, B.now()
       repeat
         fn()

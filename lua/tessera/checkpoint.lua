@@ -36,6 +36,7 @@
 -- Loading is tolerant of what it does not know (extra tensors and metadata keys from newer
 -- writers are ignored) and strict about what it needs: a missing section, tensor or metadata key
 -- is an error naming it, and so are files that are not tessera checkpoints.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local core = require 'tessera.core'
 local json = require 'tessera.json'
@@ -141,7 +142,7 @@ local function split_extra(extra, tensors)
     end
     if type(v) ~= 'table' or v == json.null then return v end
     local out = json.is_array(v) and json.array({}) or {}
-    for k, x in pairs(v) do out[k] = walk(x, where .. '.' .. tostring(k), depth + 1) end
+    for k, x in each(v) do out[k] = walk(x, where .. '.' .. tostring(k), depth + 1) end
     return out
   end
   return walk(extra, 'extra', 0)
@@ -156,7 +157,7 @@ local function join_extra(extra, tensors, path)
       if t == nil then fail('checkpoint: %s is missing tensor %s (referenced by extra)', path, tostring(name)) end
       return t
     end
-    for k, x in pairs(v) do v[k] = walk(x) end
+    for k, x in each(v) do v[k] = walk(x) end
     return v
   end
   return walk(extra)
@@ -176,7 +177,7 @@ local function add_model(b, tensors, meta, sections)
   local sd = is_module(b.model) and b.model:state_dict() or b.model
   if type(sd) ~= 'table' then fail('checkpoint.save: model must be a module or a table of name -> tensor, got %s', type(sd)) end
   local names = json.array({})
-  for name, t in pairs(sd) do
+  for name, t in each(sd) do
     if not core.is_tensor(t) then fail("checkpoint.save: model entry '%s' is a %s, not a tensor", tostring(name), type(t)) end
     tensors['model.' .. name] = t
     names[#names + 1] = name
@@ -192,13 +193,13 @@ local function add_optimizer(b, tensors, meta, sections)
   local sd = type(opt.state_dict) == 'function' and opt:state_dict() or opt
   local flat, flat_meta = T.optim.flatten_state_dict(sd)
   local state_keys = {}
-  for name, t in pairs(flat) do
+  for name, t in each(flat) do
     tensors['optimizer.' .. name] = t
     local index, key = name:match('^state%.(%d+)%.(.+)$')
     state_keys[index] = state_keys[index] or json.array({})
     table.insert(state_keys[index], key)
   end
-  for _, keys in pairs(state_keys) do table.sort(keys) end
+  for _, keys in each(state_keys) do table.sort(keys) end
   meta.optimizer = { class = type(opt.name) == 'string' and opt.name or nil, param_groups = flat_meta.param_groups,
     state_keys = state_keys }
   sections[#sections + 1] = 'optimizer'
@@ -231,7 +232,7 @@ local function add_generators(b, meta)
   local rng = { default = generator_state(T.default_generator, 'checkpoint.save: default generator'), generators = {} }
   if b.generators ~= nil then
     if type(b.generators) ~= 'table' then fail('checkpoint.save: generators must be a table of name -> Generator') end
-    for name, g in pairs(b.generators) do
+    for name, g in each(b.generators) do
       rng.generators[tostring(name)] = generator_state(g, 'checkpoint.save: generator ' .. tostring(name))
     end
   end
@@ -241,7 +242,7 @@ end
 local function add_user_metadata(b, meta)
   if b.metadata == nil then return end
   if type(b.metadata) ~= 'table' then fail('checkpoint.save: metadata must be a table of key -> value') end
-  for k, v in pairs(b.metadata) do
+  for k, v in each(b.metadata) do
     if RESERVED[k] then fail("checkpoint.save: metadata key '%s' is reserved for the checkpoint format", tostring(k)) end
     meta[k] = v
   end
@@ -300,7 +301,7 @@ end
 
 local function take_prefixed(tensors, prefix)
   local out = {}
-  for name, t in pairs(tensors) do
+  for name, t in each(tensors) do
     if name:sub(1, #prefix) == prefix then out[name:sub(#prefix + 1)] = t end
   end
   return out
@@ -317,7 +318,7 @@ end
 local function load_optimizer(tensors, meta, path)
   local info = decode(meta, 'optimizer', path, true)
   local flat = take_prefixed(tensors, 'optimizer.')
-  for index, keys in pairs(info.state_keys or {}) do
+  for index, keys in each(info.state_keys or {}) do
     for _, key in ipairs(keys) do
       local name = string.format('state.%s.%s', index, key)
       if flat[name] == nil then fail('checkpoint: %s is missing tensor optimizer.%s', path, name) end
@@ -385,7 +386,7 @@ local function restore_loader(b, loader)
 end
 
 local function restore_generators(b, generators)
-  for name, g in pairs(generators or {}) do
+  for name, g in each(generators or {}) do
     local s = b.rng.generators[tostring(name)]
     if s == nil then
       local have = core.sorted_names(b.rng.generators)

@@ -5,6 +5,7 @@
 -- A Lua tensor is a small struct cdata holding one reference to a C ts_tensor. Its ffi.gc
 -- finalizer only drops that reference (plain C, never raises, never calls into Lua);
 -- t:free() releases at once and disarms the finalizer, after which any use is an error.
+local each = require 'tessera.each'
 local ffi = require 'ffi'
 
 local config = require 'tessera.config'
@@ -160,7 +161,7 @@ function core.dtype(d, what)
   local id = dtype_ids[d]
   if id == nil then
     local valid = {}
-    for _, n in pairs(dtype_names) do valid[#valid + 1] = n end
+    for _, n in each(dtype_names) do valid[#valid + 1] = n end
     table.sort(valid)
     error(string.format('%s: unknown dtype %s (valid: %s)', what or 'tessera', tostring(d),
       table.concat(valid, ', ')), 0)
@@ -265,7 +266,7 @@ function core.sorted_names(names)
   if is_list(names) then
     for i = 1, #names do out[i] = tostring(names[i]) end
   else
-    for k in pairs(names) do out[#out + 1] = tostring(k) end
+    for k in each(names) do out[#out + 1] = tostring(k) end
   end
   table.sort(out)
   return out
@@ -281,7 +282,7 @@ function core.options(what, opts, valid)
       core.is_tensor(opts) and 'a tensor' or type(opts)), 0)
   end
   if valid ~= nil then
-    for k in pairs(opts) do
+    for k in each(opts) do
       if not has_name(valid, k) then
         error(string.format("%s: unknown option '%s' (valid: %s)", what, tostring(k),
           table.concat(core.sorted_names(valid), ', ')), 0)

@@ -10,6 +10,7 @@
 -- Mapping: objects ↔ tables with string keys; arrays ↔ tables with keys 1..n; numbers are Lua
 -- numbers (doubles: integers beyond 2^53 lose precision); strings are UTF-8 (the decoder turns
 -- every escape, \uXXXX surrogate pairs included, into UTF-8 and rejects malformed UTF-8).
+local each = require 'tessera.each'
 local json = {}
 
 local byte, sub, find, format, concat = string.byte, string.sub, string.find, string.format, table.concat
@@ -301,14 +302,10 @@ local function encode_number(x, path)
   return format('%.17g', x)
 end
 
--- Every key of t. A while loop over next, not pairs: Debian 12's LuaJIT (git 2022-03-20) can end a
--- pairs loop early once a trace around it is blacklisted (LuaJIT issue #827), dropping keys silently.
+-- Every key of t.
 local function keys_of(t)
-  local keys, k = {}, next(t)
-  while k ~= nil do
-    keys[#keys + 1] = k
-    k = next(t, k)
-  end
+  local keys = {}
+  for k in each(t) do keys[#keys + 1] = k end
   return keys
 end
 

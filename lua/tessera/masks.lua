@@ -20,6 +20,7 @@
 --   T.masks.show(img, mask, {width = 64, index =}) / T.masks.show_string(...)       24-bit terminal view
 -- Randomness comes from a generator's Philox stream (see ts_mask_generate in tessera.h): the same
 -- generator state gives the same masks on every device.
+local each = require 'tessera.each'
 local core = require 'tessera.core'
 require 'tessera.image'
 local Canvas = require 'tessera.canvas'
@@ -200,7 +201,7 @@ function masks.secondary(m, opts)
   check(C.ts_mask_secondary(handle(base.mask, what), noise, ratio, id, generator_handle(opts.generator, what),
     out_new, out_vis))
   local result = {}
-  for k, v in pairs(base) do result[k] = v end
+  for k, v in each(base) do result[k] = v end
   result.new_mask, result.vis_mask = wrap(out_new[0]), wrap(out_vis[0])
   result.secondary_ratio, result.formula = ratio, formula
   return new_mask(result)

@@ -14,6 +14,7 @@
 -- skipped (their step count does not advance, as in PyTorch), and so are frozen parameters
 -- (requires_grad = false). Optimizer state is float32 for float32/float16/bfloat16 parameters
 -- and float64 for float64 ones.
+local each = require 'tessera.each'
 local core = require 'tessera.core'
 local ffi, C, T = core.ffi, core.C, core.T
 local handle, check = core.handle, core.check
@@ -95,7 +96,7 @@ local function group_list(what, params)
         error(string.format('%s: parameter group %d must be a table with a params field', what, i), 0)
       end
       local copy = {}
-      for k, v in pairs(g) do copy[k] = v end
+      for k, v in each(g) do copy[k] = v end
       copy.params = tensor_list(what, g.params)
       groups[i] = copy
     end
@@ -119,8 +120,8 @@ local function new_optimizer(class, params, opts)
   local what = class.name
   opts = core.options(what, opts, class.defaults)
   local defaults = {}
-  for k, v in pairs(class.defaults) do defaults[k] = v end
-  for k, v in pairs(opts) do defaults[k] = v end
+  for k, v in each(class.defaults) do defaults[k] = v end
+  for k, v in each(opts) do defaults[k] = v end
   class.check_group(what, defaults)
   local self = setmetatable({ defaults = defaults, param_groups = {}, state = {}, seen = {} }, class)
   for _, g in ipairs(group_list(what, params)) do self:add_param_group(g) end
@@ -132,9 +133,9 @@ function Optimizer:add_param_group(group)
   local what = self.name .. ': add_param_group'
   if type(group) ~= 'table' or group.params == nil then error(what .. ': expected a table with a params field', 0) end
   local g = {}
-  for k, v in pairs(group) do g[k] = v end
+  for k, v in each(group) do g[k] = v end
   g.params = tensor_list(what, group.params)
-  for k, v in pairs(self.defaults) do
+  for k, v in each(self.defaults) do
     if g[k] == nil then g[k] = type(v) == 'table' and { unpack(v) } or v end
   end
   self.check_group(self.name, g)
@@ -148,7 +149,7 @@ function Optimizer:add_param_group(group)
     end
     here[key] = true
   end
-  for k in pairs(here) do self.seen[k] = true end
+  for k in each(here) do self.seen[k] = true end
   self.param_groups[#self.param_groups + 1] = g
 end
 
@@ -233,7 +234,7 @@ function Optimizer:state_dict()
   local state, groups, index = {}, {}, 0
   for gi, g in ipairs(self.param_groups) do
     local saved = { params = {} }
-    for k, v in pairs(g) do
+    for k, v in each(g) do
       if k ~= 'params' then saved[k] = type(v) == 'table' and { unpack(v) } or v end
     end
     for i, p in ipairs(g.params) do
@@ -241,7 +242,7 @@ function Optimizer:state_dict()
       local s = self.state[p]
       if s then
         local copy = {}
-        for k, v in pairs(s) do copy[k] = v end
+        for k, v in each(s) do copy[k] = v end
         state[index] = copy
       end
       index = index + 1
@@ -255,7 +256,7 @@ end
 local function load_state_entry(self, what, index, entry, p)
   if type(entry) ~= 'table' then error(string.format('%s: state %d must be a table', what, index), 0) end
   local out = {}
-  for k, v in pairs(entry) do
+  for k, v in each(entry) do
     if not self.state_keys[k] then
       error(string.format("%s: state %d has key '%s', which %s does not keep (expected: %s)", what, index,
         tostring(k), self.name, table.concat(core.sorted_names(self.state_keys), ', ')), 0)
@@ -295,8 +296,8 @@ function Optimizer:load_state_dict(sd)
         type(saved.params) == 'table' and tostring(#saved.params) or 'no', #current.params), 0)
     end
     local g = {}
-    for k, v in pairs(saved) do g[k] = type(v) == 'table' and { unpack(v) } or v end
-    for k, v in pairs(current) do
+    for k, v in each(saved) do g[k] = type(v) == 'table' and { unpack(v) } or v end
+    for k, v in each(current) do
       if g[k] == nil then g[k] = v end -- keys the checkpoint lacks (param_names, ...) stay
     end
     g.params = current.params
@@ -305,7 +306,7 @@ function Optimizer:load_state_dict(sd)
     groups[gi] = g
   end
   local state = {}
-  for index, entry in pairs(sd.state) do
+  for index, entry in each(sd.state) do
     local p = by_index[index]
     if p == nil then
       error(string.format('%s: state for parameter index %s, which no group lists', what, tostring(index)), 0)
@@ -325,8 +326,8 @@ function optim.flatten_state_dict(sd)
     error('flatten_state_dict: expected an optimizer state_dict (state and param_groups)', 0)
   end
   local tensors = {}
-  for index, entry in pairs(sd.state) do
-    for k, v in pairs(entry) do
+  for index, entry in each(sd.state) do
+    for k, v in each(entry) do
       tensors[string.format('state.%d.%s', index, k)] = core.is_tensor(v) and v or T.tensor(v, { dtype = 'float64' })
     end
   end
@@ -344,7 +345,7 @@ function optim.unflatten_state_dict(tensors, metadata)
   if type(groups) == 'string' then groups = require('tessera.json').decode(groups) end
   if type(groups) ~= 'table' then error(what .. ': metadata has no param_groups', 0) end
   local state = {}
-  for name, t in pairs(tensors) do
+  for name, t in each(tensors) do
     local index, key = tostring(name):match('^state%.(%d+)%.(.+)$')
     if not index or not core.is_tensor(t) then
       error(string.format("%s: '%s' is not an optimizer state tensor (state.<index>.<key>)", what, tostring(name)), 0)
@@ -361,7 +362,7 @@ function Optimizer:__tostring()
   for i, g in ipairs(self.param_groups) do
     lines[#lines + 1] = string.format('Parameter Group %d', i - 1)
     local keys = {}
-    for k in pairs(g) do if k ~= 'params' and k ~= 'param_names' then keys[#keys + 1] = k end end
+    for k in each(g) do if k ~= 'params' and k ~= 'param_names' then keys[#keys + 1] = k end end
     table.sort(keys)
     for _, k in ipairs(keys) do
       local v = g[k]
@@ -457,7 +458,7 @@ function SGD:run(b)
   end
   check(C.ts_sgd_step(n, c_tensors(b.params), c_tensors(b.grads), bufs, c_group_values(b, 'lr'),
     c_group_values(b, 'weight_decay'), g.momentum, g.dampening, g.nesterov and 1 or 0, first))
-  for p, buf in pairs(fresh) do
+  for p, buf in each(fresh) do
     self.state[p] = self.state[p] or {}
     self.state[p].momentum_buffer = buf
   end
@@ -518,7 +519,7 @@ local function name_set(what, list)
   if type(list) ~= 'table' then
     error(string.format('%s: the skip list must be a table of names, got %s', what, type(list)), 0)
   end
-  for k, v in pairs(list) do
+  for k, v in each(list) do
     if type(k) == 'number' then set[v] = true elseif v then set[k] = true end
   end
   return set

@@ -4,6 +4,7 @@
 -- parameter gradient (see ../shared/ref/README.md for the format and the tolerances).
 --   local report = require('tessera.parity').check('ref/ummae_swin_tiny.safetensors')
 --   tessera parity FILE.safetensors [--device cuda] [--quiet]
+local each = require 'tessera.each'
 local T = require 'tessera'
 require 'tessera.models'
 
@@ -24,7 +25,7 @@ end
 
 local function split_file(tensors)
   local sd, inputs, grads, outputs = {}, {}, {}, {}
-  for name, t in pairs(tensors) do
+  for name, t in each(tensors) do
     local kind, rest = name:match('^(%a+)%.(.+)$')
     if kind == 'input' then inputs[rest] = t
     elseif kind == 'grad' then grads[rest] = t
@@ -108,7 +109,7 @@ function P.check(path, opts)
   local params = {}
   for name, p in model:named_parameters() do params[name] = p end
   local names = {}
-  for name in pairs(grads) do names[#names + 1] = name end
+  for name in each(grads) do names[#names + 1] = name end
   table.sort(names)
   for _, name in ipairs(names) do
     local p = params[name]

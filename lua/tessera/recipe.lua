@@ -81,6 +81,7 @@
 --
 -- In Lua: require('tessera.recipe').run(recipe_or_path, argv[, {stdout = file}]) → main's results
 -- (errors are raised); .cli(...) → an exit status, as `tessera run` uses it.
+local each = require 'tessera.each'
 local T = require 'tessera'
 local checkpoint = require 'tessera.checkpoint'
 local ffi = require 'ffi'
@@ -194,7 +195,7 @@ local function infer_type(recipe_name, key, v)
     else usage_error("recipe %s: default of '%s' mixes %s and %s elements", recipe_name, key, elem, e) end
   end
   local n = 0
-  for _ in pairs(v) do n = n + 1 end
+  for _ in each(v) do n = n + 1 end
   if n ~= #v then usage_error("recipe %s: default of '%s' is a table but not a list", recipe_name, key) end
   return elem .. '[]'
 end
@@ -209,7 +210,7 @@ local function conforms(t, v)
   local elem = element_type(t)
   if not elem then return conforms_scalar(t, v) end
   if type(v) ~= 'table' then return false end
-  for k, x in pairs(v) do
+  for k, x in each(v) do
     if type(k) ~= 'number' or k < 1 or k > #v or not conforms_scalar(elem, x) then return false end
   end
   return true
@@ -284,13 +285,13 @@ local RUNNER_OPTIONS = { output_dir = 'DIR', resume = 'PATH|auto', overwrite = '
 
 local function sorted_keys(t)
   local keys = {}
-  for k in pairs(t) do keys[#keys + 1] = k end
+  for k in each(t) do keys[#keys + 1] = k end
   table.sort(keys)
   return keys
 end
 
 local function check_fields(recipe, name)
-  for k in pairs(recipe) do
+  for k in each(recipe) do
     if not RECIPE_FIELDS[k] then
       usage_error("recipe %s: unknown field '%s' (recipe fields: %s)", name, tostring(k),
         table.concat(sorted_keys(RECIPE_FIELDS), ', '))
@@ -304,7 +305,7 @@ local function check_fields(recipe, name)
 end
 
 local function check_key_table(recipe, name, field)
-  for k in pairs(recipe[field] or {}) do
+  for k in each(recipe[field] or {}) do
     if recipe.defaults[k] == nil then
       usage_error("recipe %s: %s names '%s', which is not in defaults", name, field, tostring(k))
     end
@@ -313,7 +314,7 @@ end
 
 local function option_types(recipe, name)
   local types = {}
-  for key, v in pairs(recipe.defaults) do
+  for key, v in each(recipe.defaults) do
     if type(key) ~= 'string' or not key:match('^[%a_][%w_]*$') then
       usage_error('recipe %s: option names must be identifiers, got %s', name, tostring(key))
     end
@@ -330,7 +331,7 @@ local function option_types(recipe, name)
 end
 
 local function check_choices(recipe, name, types)
-  for key, list in pairs(recipe.choices or {}) do
+  for key, list in each(recipe.choices or {}) do
     if element_type(types[key]) then usage_error('recipe %s: choices.%s: only single-valued options take choices', name, key) end
     if type(list) ~= 'table' or #list == 0 then usage_error('recipe %s: choices.%s must be a non-empty list', name, key) end
     local has_default = false
@@ -368,9 +369,9 @@ function R.check(recipe, path)
   end
   check_fields(recipe, name)
   local defaults = {}
-  for k, v in pairs(recipe.defaults) do defaults[k] = v end
+  for k, v in each(recipe.defaults) do defaults[k] = v end
   local declared = {}
-  for k, t in pairs(recipe.types or {}) do declared[k] = t end
+  for k, t in each(recipe.types or {}) do declared[k] = t end
   if defaults.seed == nil then defaults.seed = 0; declared.seed = declared.seed or 'integer' end
   local r = setmetatable({ name = name, path = path, description = recipe.description or '', defaults = defaults,
     types = declared, choices = recipe.choices or {}, help = recipe.help or {}, presets = recipe.presets or {},
@@ -381,7 +382,7 @@ function R.check(recipe, path)
   check_key_table(r, name, 'help')
   check_choices(r, name, r.types)
   check_model_keys(r, name)
-  for preset, values in pairs(r.presets) do
+  for preset, values in each(r.presets) do
     if type(values) ~= 'table' then usage_error('recipe %s: presets.%s must be a table of option -> value', name, tostring(preset)) end
   end
   return r
@@ -413,7 +414,7 @@ end
 
 local function unknown_option(r, key)
   local best, best_d
-  for k in pairs(r.defaults) do
+  for k in each(r.defaults) do
     local d = edit_distance(key, k)
     if d <= math.max(2, math.floor(#k / 3)) and (not best_d or d < best_d) then best, best_d = k, d end
   end
@@ -515,7 +516,7 @@ end
 function R.parse(r, argv)
   local parsed = scan_arguments(r, argv or {})
   local cfg = {}
-  for k, v in pairs(r.defaults) do cfg[k] = copy_value(v) end
+  for k, v in each(r.defaults) do cfg[k] = copy_value(v) end
   for _, p in ipairs(parsed.presets) do apply_preset(r, cfg, p) end
   for _, kv in ipairs(parsed.overrides) do
     local v = typed_from_text(r, kv[1], kv[2], r.name)
@@ -605,7 +606,7 @@ local function loggable(v, key)
   end
   if type(v) == 'table' and v ~= json.null then
     local out = json.is_array(v) and json.array({}) or {}
-    for k, x in pairs(v) do out[k] = loggable(x, key .. '.' .. tostring(k)) end
+    for k, x in each(v) do out[k] = loggable(x, key .. '.' .. tostring(k)) end
     return out
   end
   return v
@@ -652,7 +653,7 @@ function Run:progress(p)
   if type(p) ~= 'table' then run_error('run:progress: expected a table, got %s', type(p)) end
   if T.is_tensor(p.loss) then
     local copy = {}
-    for k, v in pairs(p) do copy[k] = v end
+    for k, v in each(p) do copy[k] = v end
     copy.loss, p = p.loss:item(), copy
   end
   local now = clock()
@@ -729,7 +730,7 @@ function Run:save_checkpoint(o)
   o = o or {}
   local valid = { model = true, optimizer = true, loader = true, epoch = true, iter = true, step = true, iters = true,
     extra = true, name = true, generators = true }
-  for k in pairs(o) do if not valid[k] then run_error("run:save_checkpoint: unknown field '%s'", tostring(k)) end end
+  for k in each(o) do if not valid[k] then run_error("run:save_checkpoint: unknown field '%s'", tostring(k)) end end
   if self._failed then
     run_error('run:save_checkpoint: refusing to save after the run diverged (%s); the last good checkpoint stays', self._failed)
   end
@@ -744,8 +745,8 @@ function Run:save_checkpoint(o)
     run_error("run:save_checkpoint: the model's %s has NaN or infinite values; not saving, the last good checkpoint stays", bad)
   end
   local generators = {}
-  for k, g in pairs(self._generators) do generators[k] = g end
-  for k, g in pairs(o.generators or {}) do generators[k] = g end
+  for k, g in each(self._generators) do generators[k] = g end
+  for k, g in each(o.generators or {}) do generators[k] = g end
   local path = self:checkpoint_path(o.name)
   local ok, err = pcall(checkpoint.save, path, { model = model, optimizer = self._tracked.optimizer,
     loader = self._tracked.loader, generators = generators, epoch = o.epoch, iter = o.iter, step = o.step,
@@ -850,7 +851,7 @@ function Run:resume(model, optimizer, loader)
   if not self.resume_path then return nil end
   local bundle = self._bundle
   local generators = {}
-  for k, g in pairs(self._generators) do generators[k] = g end
+  for k, g in each(self._generators) do generators[k] = g end
   local ok, err = pcall(checkpoint.restore, bundle, { model = model, optimizer = optimizer, loader = loader,
     generators = generators })
   if not ok then run_error('resume: %s', strip_position(err)) end

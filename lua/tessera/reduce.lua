@@ -14,6 +14,7 @@
 --
 -- Result dtypes as PyTorch: sum/prod of integers and bools give int64; mean, var, std and norm
 -- need a floating input (or a dtype option for sum/mean/prod); all/any give bool.
+local each = require 'tessera.each'
 local core = require 'tessera.core'
 local ffi, C, T, Tensor = core.ffi, core.C, core.T, core.Tensor
 local wrap, handle, check = core.wrap, core.handle, core.check
@@ -38,7 +39,7 @@ local function dims_arg(what, dim)
   if type(dim) ~= 'table' or core.is_tensor(dim) then
     error(string.format('%s: dim must be an integer or a list of integers, got %s', what, type(dim)), 0)
   end
-  for k in pairs(dim) do
+  for k in each(dim) do
     if type(k) ~= 'number' then
       error(string.format("%s: the dim list has a field '%s'; give options as {dim = ..., keepdim = ...}", what, tostring(k)), 0)
     end
@@ -82,7 +83,7 @@ local reductions = {
   sum = { C.TS_SUM, true }, mean = { C.TS_MEAN, true }, prod = { C.TS_PROD, true },
   amax = { C.TS_AMAX }, amin = { C.TS_AMIN }, all = { C.TS_ALL }, any = { C.TS_ANY },
 }
-for name, spec in pairs(reductions) do
+for name, spec in each(reductions) do
   local op, takes_dtype = spec[1], spec[2]
   local valid = { dim = true, keepdim = true, dtype = takes_dtype or nil }
   Tensor[name] = function(t, dim, keepdim)

@@ -18,6 +18,7 @@
 -- editing. When stdin is not a terminal, lines are read plainly with no prompts, so a pipe can
 -- drive it (`printf 'x = T.ones(2)\nx + 1\n' | tessera`); the exit status is then 1 if any chunk
 -- failed.
+local each = require 'tessera.each'
 local ffi = require 'ffi'
 
 local M = {}
@@ -94,7 +95,7 @@ local function show_table(t, depth, seen)
   local parts, n = {}, #t
   for i = 1, math.min(n, MAX_ITEMS) do parts[#parts + 1] = show(t[i], depth + 1, seen) end
   local keys = {}
-  for k in pairs(t) do
+  for k in each(t) do
     if not (type(k) == 'number' and k >= 1 and k <= n and k == math.floor(k)) then keys[#keys + 1] = k end
   end
   table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
@@ -161,7 +162,7 @@ local function field_names(v, methods_only)
   local names, seen = {}, {}
   local function add(t, depth)
     if type(t) ~= 'table' or depth > 4 then return end
-    for k, x in pairs(t) do
+    for k, x in each(t) do
       if is_identifier(k) and not seen[k] and (not methods_only or type(x) == 'function') then
         seen[k] = true
         names[#names + 1] = k

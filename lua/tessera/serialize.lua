@@ -12,6 +12,7 @@
 -- Loading maps the file: the tensors point into it (zero copy) and writing to them changes only
 -- this process's copy-on-write pages, never the file. Metadata comes back as the raw strings
 -- (decode JSON values with T.json.decode).
+local each = require 'tessera.each'
 local core = require 'tessera.core'
 local json = require 'tessera.json'
 local ffi, C, T = core.ffi, core.C, core.T
@@ -43,7 +44,7 @@ local function metadata_json(metadata)
     error('save: metadata must be a table of key → value, got ' .. type(metadata), 0)
   end
   local strings = {}
-  for k, v in pairs(metadata) do
+  for k, v in each(metadata) do
     if type(k) ~= 'string' then
       error(string.format('save: metadata keys must be strings, got %s %s', type(k), tostring(k)), 0)
     end
@@ -71,7 +72,7 @@ local function entries_to_save(obj)
   end
   local listed, rest = {}, {}
   for _, name in ipairs(order) do listed[name] = true end
-  for name in pairs(sd) do
+  for name in each(sd) do
     if type(name) ~= 'string' then
       error(string.format('save: tensor names must be strings, got %s %s', type(name), tostring(name)), 0)
     end

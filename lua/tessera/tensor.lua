@@ -1,5 +1,6 @@
 -- tessera.tensor — the Tensor API: properties, factories, views, conversions, elementwise math,
 -- operators, indexing and printing. Dims are 0-based and may be negative, as in PyTorch.
+local each = require 'tessera.each'
 local core = require 'tessera.core'
 local ffi, C, T, Tensor = core.ffi, core.C, core.T, core.Tensor
 local wrap, handle, check = core.wrap, core.handle, core.check
@@ -275,7 +276,7 @@ function Tensor.to(t, spec, spec2)
   end
   return wrap(C.ts_to_dtype(h, dtype or C.ts_dtype_of(h)))
 end
-for name, dtype in pairs { float = 'float32', double = 'float64', half = 'float16', bfloat16 = 'bfloat16',
+for name, dtype in each { float = 'float32', double = 'float64', half = 'float16', bfloat16 = 'bfloat16',
   long = 'int64', int = 'int32', byte = 'uint8', bool = 'bool' } do
   Tensor[name] = function(t) return Tensor.to(t, dtype) end
 end
@@ -333,7 +334,7 @@ local unary_ops = {
   reciprocal = C.TS_RECIPROCAL, square = C.TS_SQUARE, logical_not = C.TS_LOGICAL_NOT,
   isnan = C.TS_ISNAN, isinf = C.TS_ISINF, isfinite = C.TS_ISFINITE,
 }
-for name, op in pairs(unary_ops) do
+for name, op in each(unary_ops) do
   Tensor[name] = function(t) return wrap(C.ts_unary(op, handle(t, name))) end
   Tensor[name .. '_'] = function(t)
     check(C.ts_unary_(op, handle(t, name .. '_')))
@@ -368,7 +369,7 @@ local function binary(op, name, a, b)
 end
 core.binary = binary
 
-for name, op in pairs(binary_ops) do
+for name, op in each(binary_ops) do
   Tensor[name] = function(a, b) return binary(op, name, a, b) end
   Tensor[name .. '_'] = function(a, b)
     local what = name .. '_'

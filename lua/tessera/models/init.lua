@@ -2,6 +2,7 @@
 -- fine-tuning classifiers for Swin, PVT and ViT, under the official class and factory names.
 --   T.models.create('mae_swin_tiny_256', {vis_mask_ratio = 0.25, norm_pix_loss = true})
 --   T.models.MaskedAutoencoderSwin{img_size = 128, embed_dim = 8, ...}   (official constructor names)
+local each = require 'tessera.each'
 local T = require 'tessera.core'.T
 
 local models = { layers = require 'tessera.models.layers' }
@@ -10,8 +11,8 @@ local factories = {}
 for _, family in ipairs { 'swin', 'pvt', 'vit' } do
   local m = require('tessera.models.' .. family)
   models[family] = m
-  for name, make in pairs(m.factories) do factories[name] = make end
-  for name, class in pairs(m) do
+  for name, make in each(m.factories) do factories[name] = make end
+  for name, class in each(m) do
     if type(class) == 'table' and class.__mt and name:match('^%u') and name ~= 'PatchEmbed' then models[name] = class end
   end
 end
@@ -19,7 +20,7 @@ models.factories = factories
 
 function models.names()
   local out = {}
-  for name in pairs(factories) do out[#out + 1] = name end
+  for name in each(factories) do out[#out + 1] = name end
   table.sort(out)
   return out
 end

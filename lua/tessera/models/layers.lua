@@ -1,6 +1,7 @@
 -- tessera.models.layers — the pieces the UM-MAE model family shares: timm's ViT block, the MLP,
 -- fixed sin-cos positions, patchify, the official initialization and the masked losses.
 -- Names and shapes are the official code's (github implus/UM-MAE), so state dicts match.
+local each = require 'tessera.each'
 local T = require 'tessera.core'.T
 local nn = T.nn
 
@@ -11,15 +12,15 @@ local L = {}
 -- norm_layer is {type = 'LayerNorm', eps = E} or a number (the eps).
 function L.args(class, given, defaults)
   local out = nn.options(class, given, defaults)
-  for k, v in pairs(out) do if v == nn.NONE then out[k] = nil end end   -- nn.NONE given for a key
+  for k, v in each(out) do if v == nn.NONE then out[k] = nil end end   -- nn.NONE given for a key
   return out
 end
 
 -- A copy of `defaults` with `overrides` applied (factories build on the official configurations).
 function L.merge(defaults, overrides)
   local out = {}
-  for k, v in pairs(defaults) do out[k] = v end
-  for k, v in pairs(overrides or {}) do out[k] = v end
+  for k, v in each(defaults) do out[k] = v end
+  for k, v in each(overrides or {}) do out[k] = v end
   return out
 end
 

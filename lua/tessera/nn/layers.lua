@@ -1,5 +1,6 @@
 -- tessera.nn.layers — the standard layers. Parameter names, shapes, defaults and default
 -- initialization are PyTorch's, so state dicts move between the two.
+local each = require 'tessera.each'
 local core = require 'tessera.core'
 local T = core.T
 
@@ -13,10 +14,10 @@ return function(nn)
   local function options(layer, opts, defaults)
     opts = core.options(layer, opts, defaults)
     local out = {}
-    for k, v in pairs(defaults) do
+    for k, v in each(defaults) do
       if v ~= NONE then out[k] = v end
     end
-    for k, v in pairs(opts) do out[k] = v end
+    for k, v in each(opts) do out[k] = v end
     return out
   end
   nn.options = options

@@ -12,6 +12,7 @@
 -- Registration order is kept, so named_parameters() and state_dict() list names exactly as
 -- PyTorch does ('blocks.0.attn.qkv.weight'): a module's own parameters first, then each child's
 -- subtree in the order the children were assigned.
+local each = require 'tessera.each'
 local T = require 'tessera.core'.T
 local core = require 'tessera.core'
 
@@ -331,7 +332,7 @@ function Module:load_state_dict(sd, opts)
     if sd[name] == nil then missing[#missing + 1] = name end
   end
   local names = {}
-  for name in pairs(sd) do names[#names + 1] = name end
+  for name in each(sd) do names[#names + 1] = name end
   table.sort(names)
   local copies = {}
   for _, name in ipairs(names) do
@@ -399,8 +400,8 @@ function Module:to(a, b)
   T.no_grad(function()
     walk(self, '', function(_, m)
       local s = state(m)
-      for name, p in pairs(s.params) do s.params[name] = converted_param(p) end
-      for name, buf in pairs(s.buffers) do
+      for name, p in each(s.params) do s.params[name] = converted_param(p) end
+      for name, buf in each(s.buffers) do
         local key = tostring(buf.h)
         done[key] = done[key] or convert(buf)
         s.buffers[name] = done[key]
