@@ -365,7 +365,11 @@ extern "C" int cuda_batch_norm_stats(ts_tensor *mean, ts_tensor *var, const ts_t
 template <int DT, typename I>
 static __global__ void batch_apply_kernel(I total, channel_args<DT> p) {
   using A = cuda_acc_t<DT>;
-  for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (I)gridDim.x * blockDim.x) {
+  // the loop counts in 64 bits even when I is 32: i + step would wrap past 2^32 (total near
+  // UINT32_MAX) and never end; i itself fits I, which keeps the divisions cheap
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < (int64_t)total;
+       e += (int64_t)gridDim.x * blockDim.x) {
+    I i = (I)e;
     I c = i / (I)p.s % (I)p.c;
     A scale = cuda_load<DT>(p.rstd, c) * cuda_param<DT>(p.w, c, 1);
     cuda_store<DT>(p.out, i, (cuda_load<DT>(p.x, i) - cuda_load<DT>(p.mean, c)) * scale + cuda_param<DT>(p.b, c, 0));
@@ -443,7 +447,10 @@ template <int DT, typename I>
 static __global__ void batch_grad_input_kernel(I total, channel_args<DT> p, const cuda_acc_t<DT> *totals) {
   using A = cuda_acc_t<DT>;
   A count = (A)(p.n * p.s);
-  for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (I)gridDim.x * blockDim.x) {
+  // 64-bit loop counter: see batch_apply_kernel
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < (int64_t)total;
+       e += (int64_t)gridDim.x * blockDim.x) {
+    I i = (I)e;
     I c = i / (I)p.s % (I)p.c;
     A mu = cuda_load<DT>(p.mean, c), r = cuda_load<DT>(p.rstd, c), scale = r * cuda_param<DT>(p.w, c, 1);
     A mean_g = p.training ? totals[2 * c] / count : (A)0, mean_gx = p.training ? totals[2 * c + 1] / count : (A)0;
@@ -616,7 +623,10 @@ static __global__ void group_row_coef_kernel(group_args<DT> p, const cuda_acc_t<
 template <int DT, typename I>
 static __global__ void group_grad_input_kernel(I total, group_args<DT> p, const cuda_acc_t<DT> *coef) {
   using A = cuda_acc_t<DT>;
-  for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (I)gridDim.x * blockDim.x) {
+  // 64-bit loop counter: see batch_apply_kernel
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < (int64_t)total;
+       e += (int64_t)gridDim.x * blockDim.x) {
+    I i = (I)e;
     I plane = i / (I)p.s, c = plane % (I)p.c, row = plane / (I)p.c * (I)p.groups + c / (I)p.per_group;
     A mu = p.mean_in[row], r = p.rstd_in[row];
     A xhat = (cuda_load<DT>(p.x, i) - mu) * r;
