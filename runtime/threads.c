@@ -19,8 +19,7 @@ typedef struct job {
   int64_t n, chunk;
   int64_t next_chunk; /* atomic: next chunk index to take */
   int64_t num_chunks;
-  int active;         /* workers with an id below this take part */
-  int pending;        /* of those, the ones still running (guarded by pool.lock) */
+  int pending;        /* the workers taking part that are still running (guarded by pool.lock) */
 } job;
 
 static struct {
@@ -31,7 +30,8 @@ static struct {
   int num_workers;  /* threads besides the caller */
   int wanted;       /* total threads requested, caller included */
   uint64_t generation;
-  job *current;
+  job *current;     /* the running job; dangles once it is done, so only its workers may read it */
+  int active;       /* the workers with an id below this take part in the current generation */
   int started;
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .busy = PTHREAD_MUTEX_INITIALIZER,
         .wake = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
@@ -55,8 +55,10 @@ static void *worker_main(void *arg) {
   for (;;) {
     while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
     seen = pool.generation;
+    /* fewer threads wanted than exist: sit this one out (without touching pool.current: the job
+       may be over and its caller gone, since callers wait only for the workers taking part) */
+    if (id >= pool.active) continue;
     job *j = pool.current;
-    if (id >= j->active) continue; /* fewer threads wanted than exist: sit this one out */
     pthread_mutex_unlock(&pool.lock);
     run_chunks(j);
     pthread_mutex_lock(&pool.lock);
@@ -70,7 +72,10 @@ static int default_threads(void) {
   return n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : (int)n;
 }
 
-/* Workers are started on first use and only ever added; extra ones idle when fewer are wanted. */
+/* Workers are started on first use and only ever added; extra ones idle when fewer are wanted. They
+   are never joined: they sleep on pool.wake until the process exits, which is why the library is
+   linked with -z nodelete (CMakeLists.txt): a dlclose that unmapped `pool` under them would make a
+   worker's restarted futex wait fail with EFAULT and glibc abort the process. */
 static void ensure_workers(int total) {
   while (pool.num_workers < total - 1) {
     if (pthread_create(&pool.threads[pool.num_workers], NULL, worker_main,
@@ -107,7 +112,7 @@ void ts_parallel_for(int64_t n, int64_t grain, ts_range_fn fn, void *ctx) {
   /* A few chunks per thread evens out uneven work without much scheduling overhead. */
   int64_t num_chunks = max_chunks < 4 * (int64_t)threads ? max_chunks : 4 * (int64_t)threads;
   int64_t chunk = (n + num_chunks - 1) / num_chunks;
-  job j = {fn, ctx, n, chunk, 0, (n + chunk - 1) / chunk, 0, 0};
+  job j = {fn, ctx, n, chunk, 0, (n + chunk - 1) / chunk, 0};
 
   pthread_mutex_lock(&pool.lock);
   ensure_workers(threads);
@@ -118,7 +123,7 @@ void ts_parallel_for(int64_t n, int64_t grain, ts_range_fn fn, void *ctx) {
     fn(0, n, ctx);
     return;
   }
-  j.active = j.pending = helpers;
+  j.pending = pool.active = helpers;
   pool.current = &j;
   pool.generation++;
   pthread_cond_broadcast(&pool.wake);

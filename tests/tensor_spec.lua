@@ -470,6 +470,18 @@ describe('threads', function()
     T.set_num_threads(n)
     assert.same(one, all)
   end)
+
+  it('keeps working when fewer threads are wanted than workers were started', function()
+    local a = T.linspace(-5, 5, 100000, { dtype = 'float64' })
+    local n = T.get_num_threads()
+    T.set_num_threads(1)
+    local want = a:gelu() * a + 1
+    T.set_num_threads(4)
+    assert.is_false((a:gelu() * a + 1):ne(want):any():item())
+    T.set_num_threads(2) -- the workers beyond the first now sit each job out
+    for _ = 1, 200 do assert.is_false((a:gelu() * a + 1):ne(want):any():item()) end
+    T.set_num_threads(n)
+  end)
 end)
 
 describe('aliasing and extreme views', function()
