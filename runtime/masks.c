@@ -180,6 +180,24 @@ static ts_tensor *mask_from_positions(const int64_t *pos, int64_t n, int64_t h, 
   return out;
 }
 
+/* Uniform sampling as the official generator does it: each image's groups take their kept positions
+   without replacement from a pool holding `per_position` of each of the four (the official code
+   shuffles such a pool and keeps its first G entries), so every image keeps nearly as many patches
+   at each position. Group g takes the r-th entry still in the pool (entries ordered by position),
+   r = floor(lane * remaining / 2^32) from its raw 32-bit lane; lanes becomes the positions. */
+static void draw_from_pool(int64_t *lanes, int64_t n, int64_t groups, int64_t per_position) {
+  for (int64_t i = 0; i < n; i++) {
+    int64_t left[4] = {per_position, per_position, per_position, per_position}, remaining = 4 * per_position;
+    for (int64_t k = 0; k < groups; k++, remaining--) {
+      int64_t *v = &lanes[i * groups + k];
+      int64_t r = (int64_t)(((uint64_t)*v * (uint64_t)remaining) >> 32), p = 0;
+      while (r >= left[p]) r -= left[p++];
+      left[p]--;
+      *v = p;
+    }
+  }
+}
+
 static ts_tensor *group_mask(int kind, int64_t n, int64_t h, int64_t w, double ratio, ts_generator *g) {
   const char *op = kind == TS_MASK_GRID ? "mask_generate(grid)" : "mask_generate(uniform)";
   if (ratio != 0.75)
@@ -188,8 +206,13 @@ static ts_tensor *group_mask(int kind, int64_t n, int64_t h, int64_t w, double r
     return TS_FAIL_NULL(TS_ERR_SHAPE, "%s: the %lld x %lld patch grid must have even sides to split into 2x2 groups",
                         op, (long long)h, (long long)w);
   int per_group = kind == TS_MASK_UNIFORM;
-  ts_tensor *draw = draw_integers(n, per_group ? (h / 2) * (w / 2) : 1, 4, g);
+  /* the official pool: four candidates at a time until it holds at least two per group */
+  int64_t groups = (h / 2) * (w / 2), per_position = h * w / 8 + (h * w % 8 != 0);
+  if (per_group && 4 * per_position > (int64_t)UINT32_MAX)
+    return TS_FAIL_NULL(TS_ERR_SHAPE, "%s: a %lld x %lld grid is too large", op, (long long)h, (long long)w);
+  ts_tensor *draw = per_group ? draw_integers(n, groups, LANE_RANGE, g) : draw_integers(n, 1, 4, g);
   if (!draw) return NULL;
+  if (per_group) draw_from_pool(ts_data_ptr(draw), n, groups, per_position);
   ts_tensor *out = mask_from_positions(ts_data_ptr(draw), n, h, w, per_group);
   ts_release(draw);
   return out;

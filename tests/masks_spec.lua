@@ -117,11 +117,40 @@ describe('masks.uniform (US)', function()
     end
   end)
 
-  it('keeps position v of group g where v is randint(0, 4) element n*G + g of the stream', function()
+  it("draws each image's positions from the official pool of ceil(h*w/8) of each, lane by lane", function()
     local n, h, w = 3, 6, 8
     local m = T.masks.uniform(n, h, w, { generator = gen(77, 5) })
-    local v = values(T.randint(0, 4, { n, h * w / 4 }, { generator = gen(77, 5) }))
-    assert.same(v, kept_positions(m.mask, n, h, w))
+    local groups, per_position = h * w / 4, math.ceil(h * w / 8)
+    local lanes = values(T.randint(0, 2 ^ 32, { n, groups }, { generator = gen(77, 5) }))
+    local want = {}
+    for i = 0, n - 1 do
+      local left, remaining = { per_position, per_position, per_position, per_position }, 4 * per_position
+      for g = 1, groups do
+        local r, p = math.floor(lanes[i * groups + g] * remaining / 2 ^ 32), 1
+        while r >= left[p] do r, p = r - left[p], p + 1 end
+        left[p], remaining = left[p] - 1, remaining - 1
+        want[#want + 1] = p - 1
+      end
+    end
+    assert.same(want, kept_positions(m.mask, n, h, w))
+  end)
+
+  it('keeps nearly as many patches at each position in every image, as the official pool does', function()
+    -- 8x8 patches: 16 groups drawn from a pool of 8 per position; a position's count per image has
+    -- the hypergeometric variance 16 * 3/16 * 16/31 = 1.55 (independent draws would give 3.0)
+    local n, h, w = 2000, 8, 8
+    local kept = kept_positions(T.masks.uniform(n, h, w, { generator = T.Generator(99) }).mask, n, h, w)
+    local sum, sum_sq = 0, 0
+    for i = 0, n - 1 do
+      local count = { 0, 0, 0, 0 }
+      for g = 1, 16 do count[kept[i * 16 + g] + 1] = count[kept[i * 16 + g] + 1] + 1 end
+      for p = 1, 4 do assert.is_true(count[p] <= 8, 'image ' .. i .. ' keeps more than the pool holds') end
+      sum, sum_sq = sum + count[1], sum_sq + count[1] ^ 2
+    end
+    local mean = sum / n
+    local variance = (sum_sq - n * mean ^ 2) / (n - 1)
+    assert.is_true(math.abs(mean - 4) < 0.15, 'mean ' .. mean)
+    assert.is_true(variance > 1.3 and variance < 1.8, 'variance ' .. variance)
   end)
 
   it('chooses the kept position uniformly and independently of the group (chi-square)', function()

@@ -391,9 +391,13 @@ int ts_st_save(const char *path, int n, const char *const *names, ts_tensor *con
                       index first), as MAE's argsort of its noise. ratio in [0, 1].
      TS_MASK_GRID     grid-wise sampling: a draw of N values v in [0, 4) (randint); image i keeps patch
                       (2gy + v/2, 2gx + v%2) of every 2x2 group (gy, gx).
-     TS_MASK_UNIFORM  uniform sampling (UM-MAE): a draw of N*G values v in [0, 4), G = (h/2)*(w/2)
-                      groups row-major on the group grid; group g of image i keeps its patch
-                      (2gy + v/2, 2gx + v%2).
+     TS_MASK_UNIFORM  uniform sampling (UM-MAE, as its official generator): group g (row-major on
+                      the group grid, G = (h/2)*(w/2) groups) of image i keeps its patch
+                      (2gy + v/2, 2gx + v%2), the v drawn without replacement from a pool of
+                      K = ceil(h*w/8) of each v in [0, 4) (the official code shuffles that pool and
+                      takes its first G). Draw: N*G raw 32-bit lanes (randint over [0, 2^32));
+                      lane i*G + g picks, of the R entries left in image i's pool (ordered by v),
+                      entry floor(lane * R / 2^32).
    The group strategies need even h and w; they remove 75% by construction and reject other ratios. */
 typedef enum ts_mask_kind { TS_MASK_RANDOM = 0, TS_MASK_GRID, TS_MASK_UNIFORM } ts_mask_kind;
 ts_tensor *ts_mask_generate(int kind, int64_t n, int64_t h, int64_t w, double ratio, ts_generator *g);
