@@ -14,7 +14,6 @@
 -- Also here, fused ops the UM-MAE models call (see each below):
 --   T.F.packed_attention(qkv, num_heads, {bias =, scale =, kv =})   heads straight from packed projections
 --   T.F.relative_position_bias(pos, w1, b1, w2, b2)                  Swin's continuous position bias MLP
-local each = require 'tessera.each'
 local core = require 'tessera.core'
 local C, T = core.C, core.T
 local wrap, handle = core.wrap, core.handle
@@ -25,16 +24,6 @@ local F = T.F
 local NAME = 'scaled_dot_product_attention'
 local VALID = { bias = true, attn_mask = true, scale = true, is_causal = true, dropout_p = true }
 
-local function check_options(opts)
-  for key in each(opts) do
-    if not VALID[key] then
-      local names = {}
-      for n in each(VALID) do names[#names + 1] = n end
-      table.sort(names)
-      error(string.format("%s: unknown option '%s' (valid: %s)", NAME, tostring(key), table.concat(names, ', ')), 0)
-    end
-  end
-end
 
 -- A "true = keep" boolean mask as an additive bias of q's dtype: 0 where kept, -inf elsewhere.
 local function keep_mask_bias(mask, q)
@@ -69,7 +58,7 @@ function F.scaled_dot_product_attention(q, k, v, opts)
   if type(opts) ~= 'table' then
     error(string.format('%s: the 4th argument must be a mask tensor or an options table, got %s', NAME, type(opts)), 0)
   end
-  check_options(opts)
+  core.options(NAME, opts, VALID)
   local hq, hk, hv = handle(q, NAME), handle(k, NAME), handle(v, NAME)
   if opts.bias ~= nil and opts.attn_mask ~= nil then
     error(NAME .. ': give either bias or attn_mask (its alias), not both', 0)
@@ -107,11 +96,7 @@ function F.packed_attention(qkv, num_heads, opts)
   if type(opts) ~= 'table' or core.is_tensor(opts) then
     error(string.format('%s: the 3rd argument must be an options table, got %s', PACKED_NAME, type(opts)), 0)
   end
-  for key in each(opts) do
-    if not PACKED_VALID[key] then
-      error(string.format("%s: unknown option '%s' (valid: attn_mask, bias, kv, scale)", PACKED_NAME, tostring(key)), 0)
-    end
-  end
+  core.options(PACKED_NAME, opts, PACKED_VALID)
   local hq = handle(qkv, PACKED_NAME)
   local heads = core.int(num_heads, PACKED_NAME .. ': num_heads')
   if opts.bias ~= nil and opts.attn_mask ~= nil then
