@@ -132,6 +132,16 @@ describe('cuda spatial ops match the cpu', function()
     local x, w = rand('float32', 9, { 2, 8, 16, 16 }):cuda(), rand('float32', 10, { 8, 8, 3, 3 }):cuda()
     local y = F.conv2d(x, w, { padding = 1 })
     CS.check('conv2d (repeat)', F.conv2d(x, w, { padding = 1 }), y, { exact = true })
+    local function conv_grads() -- y as the upstream gradient
+      local xg, wg = x:detach():requires_grad_(), w:detach():requires_grad_()
+      local loss = (F.conv2d(xg, wg, { padding = 1 }) * y):sum()
+      loss:backward()
+      return xg.grad, wg.grad
+    end
+    local gx, gw = conv_grads()
+    local gx2, gw2 = conv_grads()
+    CS.check('conv2d grad input (repeat)', gx2, gx, { exact = true })
+    CS.check('conv2d grad weight (repeat)', gw2, gw, { exact = true })
     CS.check('avg_pool2d (repeat)', F.avg_pool2d(y, 3, { stride = 1, padding = 1 }), F.avg_pool2d(y, 3, { stride = 1, padding = 1 }),
       { exact = true })
     CS.check('interpolate (repeat)', F.interpolate(y, { mode = 'bilinear', scale_factor = 2 }),

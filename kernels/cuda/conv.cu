@@ -159,16 +159,18 @@ static int build_plan(const char *op, const conv_geom &q, int64_t n, bool tf32, 
   return dnn_check(st, op, "cuDNN descriptor setup");
 }
 
-// Picks the first supported algorithm of the heuristic's ranking that fits and uses allowed math;
-// `fallback` (always supported) when none does. Sets the descriptor's math type to the algorithm's.
+// Picks the first supported, deterministic algorithm of the heuristic's ranking that fits and uses
+// allowed math; `fallback` when none does. Sets the descriptor's math type to the algorithm's.
+// Deterministic, so that a training step repeats bit for bit as on the CPU: cuDNN's other backward
+// algorithms add partial sums with atomics, in an order that changes from run to run.
 template <typename Perf, typename Rank, typename Size>
 static int choose(const char *op, const conv_geom &q, bool tf32, conv_plan *p, int d, int fallback, Rank rank, Size size) {
   Perf perf[16];
   int returned = 0;
   if (dnn_check(rank(perf, 16, &returned), op, "cuDNN algorithm heuristic")) return ts_last_status();
   for (int i = 0; i < returned; i++) {
-    if (perf[i].status != CUDNN_STATUS_SUCCESS || perf[i].memory > MAX_WORKSPACE ||
-        !math_allowed(q.dtype, tf32, perf[i].mathType))
+    if (perf[i].status != CUDNN_STATUS_SUCCESS || perf[i].determinism != CUDNN_DETERMINISTIC ||
+        perf[i].memory > MAX_WORKSPACE || !math_allowed(q.dtype, tf32, perf[i].mathType))
       continue;
     p->algo[d] = (int)perf[i].algo;
     p->workspace[d] = perf[i].memory;
@@ -196,7 +198,7 @@ static int choose_algorithm(const char *op, cudnnHandle_t h, const conv_geom &q,
         });
   case BACKWARD_DATA:
     return choose<cudnnConvolutionBwdDataAlgoPerf_t>(
-        op, q, tf32, p, d, CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+        op, q, tf32, p, d, CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
         [&](cudnnConvolutionBwdDataAlgoPerf_t *perf, int count, int *returned) {
           return cudnnGetConvolutionBackwardDataAlgorithm_v7(h, p->w, p->y, conv, p->x, count, returned, perf);
         },
@@ -206,7 +208,7 @@ static int choose_algorithm(const char *op, cudnnHandle_t h, const conv_geom &q,
         });
   default:
     return choose<cudnnConvolutionBwdFilterAlgoPerf_t>(
-        op, q, tf32, p, d, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+        op, q, tf32, p, d, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
         [&](cudnnConvolutionBwdFilterAlgoPerf_t *perf, int count, int *returned) {
           return cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, p->x, p->y, conv, p->w, count, returned, perf);
         },
