@@ -370,6 +370,11 @@ describe('memory and lifetime', function()
   it('caches large host blocks by size class for reuse until empty_cache()', function()
     local MB = 1024 * 1024
     local function held() local s = T.memory_stats(); return s.reserved - s.live end -- beyond live bytes
+    -- no collection during the test: a finalizer freeing an earlier test's garbage would move the
+    -- byte counts between two readings
+    collectgarbage()
+    collectgarbage('stop')
+    finally(function() collectgarbage('restart') end)
     T.empty_cache()
     local base = held() -- other live tensors' rounding up to their size class
     local t = T.empty(16 * MB) -- 64 MB: a size class of its own
