@@ -293,6 +293,10 @@ static int check_grad_shape(const ts_node *n, int k, const ts_tensor *g) {
   if (g->ndim != e->ndim || memcmp(g->shape, e->shape, (size_t)e->ndim * sizeof(int64_t)))
     return ts_set_error(TS_ERR_SHAPE, "%s backward: gradient %s for input %d of shape %s", n->name, ts_tshape(g), k,
                         ts_shape_str(e->ndim, e->shape));
+  /* a leaf would silently get its .grad on another device (PyTorch's validate_outputs refuses too) */
+  if (!ts_device_equal(g->device, e->device))
+    return ts_set_error(TS_ERR_DEVICE, "%s backward: gradient on %s for input %d on %s", n->name,
+                        ts_device_str(g->device), k, ts_device_str(e->device));
   return TS_OK;
 }
 
@@ -351,6 +355,9 @@ int ts_backward(ts_tensor *root, ts_tensor *grad, int retain_graph) {
   if (g) {
     if (g->ndim != root->ndim || memcmp(g->shape, root->shape, (size_t)root->ndim * sizeof(int64_t)))
       return ts_set_error(TS_ERR_SHAPE, "backward: gradient %s does not match the tensor %s", ts_tshape(g), ts_tshape(root));
+    if (!ts_device_equal(g->device, root->device)) /* a leaf root would keep it as its .grad */
+      return ts_set_error(TS_ERR_DEVICE, "backward: the gradient is on %s but the tensor is on %s",
+                          ts_device_str(g->device), ts_device_str(root->device));
     ts_retain(g);
   } else {
     if (ts_numel(root) != 1)

@@ -53,7 +53,7 @@ end
 
 -- Copies a float image [3, H, W] (values in [0, 1]) with its top-left corner at (x0, y0).
 function Canvas:blit(img, x0, y0)
-  img = img:to('float32'):contiguous()
+  img = img:to('cpu', 'float32'):contiguous() -- read through data_ptr, on the host
   local h, w = img:size(1), img:size(2)
   local src = ffi.cast('const float *', img:data_ptr())
   local plane, byte = h * w, Canvas.byte

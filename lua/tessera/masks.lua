@@ -244,7 +244,7 @@ local function image_planes(img, opts, what)
     error(string.format('%s: expected an image [3, H, W] (float) or [H, W, 3] (uint8), got %s [%s]', what, img.dtype,
       table.concat(shape, ', ')), 0)
   end
-  img = img:to('float32')
+  img = img:to('cpu', 'float32') -- masked_pixels reads it through data_ptr, on the host
   if opts.denormalize then
     local std = T.tensor(IMAGENET_STD):view(3, 1, 1)
     local mean = T.tensor(IMAGENET_MEAN):view(3, 1, 1)

@@ -63,8 +63,9 @@ function D.visible_positions(model, pos_table, mask, pos_raster_visible)
   local Mg = Mp / 2
   local in_group = mask:view(N, Mg, 2, Mg, 2):permute(0, 1, 3, 2, 4):reshape(N, Mg * Mg, 4)
   local k = in_group:eq(0):to('int64'):argmax(-1)                     -- which of the 4 is kept
-  local gy = T.arange(Mg):view(Mg, 1):expand(Mg, Mg):reshape(-1)
-  local gx = T.arange(Mg):view(1, Mg):expand(Mg, Mg):reshape(-1)
+  -- on k's device: the mask may have been moved to the model's device (take_rows accepts either)
+  local gy = T.arange(Mg, { device = k.device }):view(Mg, 1):expand(Mg, Mg):reshape(-1)
+  local gx = T.arange(Mg, { device = k.device }):view(1, Mg):expand(Mg, Mg):reshape(-1)
   local base = (gy * 2 * Mp + gx * 2):view(1, -1)
   local patch = base + k:floor_divide(2) * Mp + k:remainder(2)
   return L.take_rows(pos_table, patch)
