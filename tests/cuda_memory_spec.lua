@@ -135,19 +135,22 @@ describe('the cuda caching allocator', function()
   end)
 
   CS.it('running out of memory collects garbage and retries before giving up', function()
-    -- garbage tensors of 4 GiB each, never collected by the loop itself: without the collection
-    -- the binding runs when an allocation fails (core.lua), the device fills up after a few dozen.
-    local function churn(count)
-      for _ = 1, count do
-        local t = T.empty({ 2 ^ 30 }, { dtype = 'float32', device = 'cuda' })
-        t = nil
-      end
-    end
+    -- 16 MiB garbage tensors under a 40 MiB limit, with the collector stopped: the third allocation
+    -- fails, and only the binding's collect-and-retry (core.lua) lets the loop go on. (Tensors
+    -- larger than the binding's collection budget would be collected before any failure.)
+    local base = settled_stats().live
+    T.set_memory_limit(base + 40 * MiB, 'cuda')
     collectgarbage('stop')
-    local ok, err = pcall(churn, 100)
+    local ok, err = pcall(function()
+      for _ = 1, 20 do
+        local garbage = T.empty({ 4 * MiB }, { dtype = 'float32', device = 'cuda' })
+        assert(garbage)
+      end
+    end)
     collectgarbage('restart')
+    T.set_memory_limit(0, 'cuda')
     assert.is_true(ok, tostring(err))
-    -- tensors that stay alive: the device fills up and the error names the request
+    -- a real out-of-memory: tensors of 4 GiB that stay alive fill the device
     local held = {}
     ok, err = pcall(function()
       for i = 1, 1000 do held[i] = T.empty({ 2 ^ 30 }, { dtype = 'float32', device = 'cuda' }) end
