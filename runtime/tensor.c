@@ -93,6 +93,9 @@ ts_storage *ts_storage_new(size_t nbytes, ts_device dev) {
     ts_set_error(TS_ERR_MEMORY, "out of host memory allocating a storage header");
     return NULL;
   }
+  /* an error left by an earlier call that then succeeded must not stand in for this one's: the
+     binding retries on TS_ERR_MEMORY only (a backend that fails sets its own, more precise, error) */
+  ts_clear_error();
   s->data = be->alloc(nbytes ? nbytes : 1, dev.index);
   if (!s->data) {
     free(s);
