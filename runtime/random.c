@@ -136,22 +136,19 @@ static int check_floating(const char *op, const ts_tensor *t) {
 }
 
 /* Fills t from the generator's stream: directly when contiguous, else through a contiguous
-   temporary, so that element i of the draw is always t's i-th element in row-major order. */
+   temporary, so that element i of the draw is always t's i-th element in row-major order. The
+   temporary comes first: a call that fails for memory (and is retried) has not moved the stream. */
 static int draw(const char *op, ts_tensor *t, int kind, double a, double b, ts_generator *g) {
   const ts_backend *be = ts_backend_for(t->device);
   if (!be || TS_BACKEND_FN(be, random, op, t->device)) return ts_last_status();
   int64_t n = ts_numel(t);
   if (n == 0) return TS_OK;
+  ts_tensor *tmp = NULL;
+  if (!ts_is_contiguous(t) && !(tmp = ts_empty(t->ndim, t->shape, t->dtype, t->device))) return ts_last_status();
   uint64_t seed, offset = reserve_blocks(g, n, &seed);
-  int st;
-  if (ts_is_contiguous(t)) {
-    st = be->random(t, kind, a, b, seed, offset);
-  } else {
-    ts_tensor *tmp = ts_empty(t->ndim, t->shape, t->dtype, t->device);
-    st = tmp ? be->random(tmp, kind, a, b, seed, offset) : ts_last_status();
-    if (!st) st = ts_copy_(t, tmp);
-    ts_release(tmp);
-  }
+  int st = be->random(tmp ? tmp : t, kind, a, b, seed, offset);
+  if (!st && tmp) st = ts_copy_(t, tmp);
+  ts_release(tmp);
   if (!st) after_write(t);
   return st;
 }
