@@ -301,18 +301,28 @@ int data_idx_read(const char *op, const char *path, int ndim, data_idx *out) {
     const uint8_t *b = header + 4 + 4 * d;
     out->dims[d] = (int64_t)b[0] << 24 | (int64_t)b[1] << 16 | (int64_t)b[2] << 8 | (int64_t)b[3];
     if (out->dims[d] <= 0) return idx_fail(op, path, f, "a dimension is 0");
+    if (out->dims[d] > ((int64_t)1 << 40) / total) return idx_fail(op, path, f, "absurd dimensions");
     total *= out->dims[d];
-    if (total > ((int64_t)1 << 40)) return idx_fail(op, path, f, "absurd dimensions");
   }
   out->ndim = ndim;
-  out->values = malloc((size_t)total);
-  if (!out->values) {
-    gzclose(f);
-    return ts_set_error(TS_ERR_MEMORY, "%s: out of memory for the %lld bytes of '%s'", op, (long long)total, path);
-  }
-  int64_t got = 0;
+  /* The buffer grows with the data actually read (doubling from 64 MB), so a corrupt header that
+     announces terabytes meets "truncated", not a terabyte allocation. */
+  int64_t got = 0, capacity = 0;
   while (got < total) {
-    unsigned chunk = total - got > (1 << 30) ? 1u << 30 : (unsigned)(total - got);
+    if (got == capacity) {
+      int64_t grown = capacity ? 2 * capacity : (int64_t)1 << 26;
+      capacity = grown < total ? grown : total;
+      uint8_t *values = realloc(out->values, (size_t)capacity);
+      if (!values) {
+        free(out->values);
+        out->values = NULL;
+        gzclose(f);
+        return ts_set_error(TS_ERR_MEMORY, "%s: out of memory for the %lld bytes of '%s'", op, (long long)total, path);
+      }
+      out->values = values;
+    }
+    int64_t room = capacity - got;
+    unsigned chunk = room > (1 << 30) ? 1u << 30 : (unsigned)room;
     int n = gzread(f, out->values + got, chunk);
     if (n <= 0) break;
     got += n;
