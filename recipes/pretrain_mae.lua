@@ -23,7 +23,7 @@ function method.build(cfg)
     return T.models.MaskedAutoencoderViT(kw)
   end
   if cfg.model ~= 'vit_base' then error('pretrain_mae: unknown model ' .. cfg.model .. ' (vit_base, vit_micro)', 0) end
-  return T.models.create('mae_vit_base_patch16', kw)
+  return T.models.create('mae_vit_base_patch16_dec512d2b', kw)
 end
 
 function method.patch(cfg) return cfg.model == 'vit_micro' and 8 or 16 end

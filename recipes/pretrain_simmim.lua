@@ -1,5 +1,6 @@
 -- SimMIM pre-training of Swin or PVT: mask tokens in the full-size encoder, L1 loss on the raw
--- pixels of the masked patches (the UM-MAE paper's SimMIM baseline).
+-- pixels of the masked patches (the UM-MAE paper's SimMIM baseline, which masks 75% of the 16-pixel
+-- patches by random sampling; --sampling simmim --mask_ratio 0.6 uses SimMIM's own 32-pixel blocks).
 --   tessera run recipes/pretrain_simmim.lua --model swin_tiny --data /path/to/imagenet/train
 local T = require 'tessera'
 local pretrain = require 'tessera.pretrain'
@@ -22,8 +23,13 @@ end
 
 function method.patch(cfg) return cfg.model == 'swin_micro' and 8 or 16 end
 
--- SimMIM's generator: random blocks of mask_patch_size pixels covering `mask_ratio` of the image
+-- 'rs' (default): random sampling of mask_ratio of the patches, the masks UM-MAE's SimMIM baseline
+-- trains with; 'simmim': SimMIM's own generator, random blocks of mask_patch_size pixels
 function method.masks(cfg, n, generator)
+  local side = cfg.input_size / method.patch(cfg)
+  if cfg.sampling == 'rs' then
+    return T.masks.random(n, side, side, { ratio = cfg.mask_ratio, generator = generator }).mask
+  end
   return T.masks.simmim(n, { input_size = cfg.input_size, mask_patch_size = cfg.mask_patch_size,
     model_patch_size = method.patch(cfg), ratio = cfg.mask_ratio, generator = generator }).mask
 end
@@ -39,13 +45,13 @@ return {
   defaults = {
     model = 'swin_tiny', data = 'fashion-mnist', eval_split = 'test', input_size = 256,
     batch_size = 64, accum_iter = 1, epochs = 200, warmup_epochs = 10, blr = 1.5e-4, lr = 0, min_lr = 0,
-    weight_decay = 0.05, clip_grad = 0, mask_ratio = 0.6, mask_patch_size = 32, norm_pix_loss = false,
+    weight_decay = 0.05, clip_grad = 0, sampling = 'rs', mask_ratio = 0.75, mask_patch_size = 32, norm_pix_loss = false,
     num_workers = 2, seed = 0, log_every = 20, checkpoint_every = 500, max_iters_per_epoch = 0, eval_size = 16,
     stop_after = 0, device = 'cpu', precision = 'fp32',
   },
   types = { lr = 'number', min_lr = 'number', clip_grad = 'number', blr = 'number', weight_decay = 'number' },
   model_keys = { 'model', 'input_size' },
-  choices = { model = { 'swin_tiny', 'pvt_small', 'swin_micro' },
+  choices = { model = { 'swin_tiny', 'pvt_small', 'swin_micro' }, sampling = { 'rs', 'simmim' },
     precision = { 'fp32', 'bf16' } },
   presets = {
     tiny = { model = 'swin_micro', input_size = 64, mask_patch_size = 16, batch_size = 32, epochs = 4,

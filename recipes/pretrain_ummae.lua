@@ -10,7 +10,7 @@ local pretrain = require 'tessera.pretrain'
 
 local MODELS = {
   swin_tiny = 'mae_swin_tiny_256', swin_large = 'mae_swin_large_256', pvt_small = 'mae_pvt_small_256',
-  vit_base = 'mae_vit_base_patch16',
+  vit_base = 'mae_vit_base_patch16_dec512d2b',
 }
 
 -- A Swin small enough for a laptop CPU: 2-pixel tokens, 8-pixel patches, four stages of width 32-256.

@@ -19,12 +19,21 @@ describe('model zoo', function()
   it('lists the official factories and builds them by name', function()
     local names = table.concat(T.models.names(), ' ')
     for _, n in ipairs { 'mae_swin_tiny_256', 'mae_swin_large_256', 'mae_pvt_small_256', 'mae_vit_base_patch16',
-      'simmim_swin_tiny_256', 'simmim_pvt_small_256', 'swin_tiny_256', 'pvt_small_256', 'vit_base_patch16' } do
+      'mae_vit_base_patch16_dec512d2b', 'simmim_swin_tiny_256', 'simmim_pvt_small_256', 'swin_tiny_256',
+      'pvt_small_256', 'vit_base_patch16' } do
       assert.truthy(names:find(n, 1, true), n)
     end
     S.assert_error(function() T.models.create('resnet50') end, 'unknown model resnet50', 'mae_swin_tiny_256')
     S.assert_error(function() T.models.MaskedAutoencoderSwin{ embed_dims = 3 } end,
       "MaskedAutoencoderSwin: unknown option 'embed_dims'", 'embed_dim')
+  end)
+
+  it('factories keep the official settings the recipes rely on (small overrides, no full-size build)', function()
+    local vit = { img_size = 32, embed_dim = 8, depth = 1, num_heads = 1, decoder_embed_dim = 8, decoder_num_heads = 1 }
+    assert.equal(2, T.models.create('mae_vit_base_patch16_dec512d2b', vit).config.decoder_depth)
+    assert.equal(8, T.models.create('mae_vit_base_patch16', vit).config.decoder_depth)
+    local swin = { img_size = 64, embed_dim = 8, depths = { 1, 1, 1, 1 }, num_heads = { 1, 1, 1, 1 } }
+    assert.equal(16, T.models.create('simmim_swin_tiny_256', swin).config.window_size)
   end)
 
   it('initializes as the official code: fixed sin-cos positions, N(0, 0.02) tokens, xavier linears', function()

@@ -79,9 +79,11 @@ describe('pre-training recipes', function()
     assert.same(a, b)
   end)
 
-  it('SimMIM trains a micro Swin', function()
+  it("SimMIM trains a micro Swin with the paper's random masks and with SimMIM's own", function()
     run('pretrain_simmim', dir .. '/simmim', { '--model', 'swin_micro' })
     assert_outputs(dir .. '/simmim')
+    run('pretrain_simmim', dir .. '/simmim-blocks', { '--model', 'swin_micro', '--sampling', 'simmim', '--mask_ratio', '0.6' })
+    assert_outputs(dir .. '/simmim-blocks')
   end)
 
   it('MAE trains a micro ViT with each sampling strategy', function()

@@ -345,7 +345,7 @@ M.factories = {
   mae_swin_large_256 = function(kw)
     return MaskedAutoencoderSwin(with(large, with({ decoder_embed_dim = 512, decoder_depth = 8, decoder_num_heads = 16 }, kw)))
   end,
-  simmim_swin_tiny_256 = function(kw) return SimMIMSwin(with(tiny, kw)) end,
+  simmim_swin_tiny_256 = function(kw) return SimMIMSwin(with(tiny, with({ window_size = 16 }, kw))) end,
   swin_tiny_256 = function(kw)
     local a = with(tiny, with({ window_size = 16, num_classes = 1000 }, kw))
     a.stride = nil

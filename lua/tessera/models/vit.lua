@@ -169,10 +169,19 @@ local with = L.merge
 local base = { patch_size = 16, embed_dim = 768, depth = 12, num_heads = 12, mlp_ratio = 4,
   norm_layer = { type = 'LayerNorm', eps = 1e-6 } }
 
+-- decoder 512-d with 8 blocks (MAE's recommended mae_vit_base_patch16) or 2 (the light decoder that
+-- UM-MAE's ViT-B runs, MAE-RS and UM alike, use)
+local function mae_vit_base(decoder_depth)
+  return function(kw)
+    return MaskedAutoencoderViT(with(base, with({ decoder_embed_dim = 512, decoder_depth = decoder_depth,
+      decoder_num_heads = 16 }, kw)))
+  end
+end
+
 M.factories = {
-  mae_vit_base_patch16 = function(kw)
-    return MaskedAutoencoderViT(with(base, with({ decoder_embed_dim = 512, decoder_depth = 8, decoder_num_heads = 16 }, kw)))
-  end,
+  mae_vit_base_patch16 = mae_vit_base(8),
+  mae_vit_base_patch16_dec512d8b = mae_vit_base(8),
+  mae_vit_base_patch16_dec512d2b = mae_vit_base(2),
   vit_base_patch16 = function(kw) return VisionTransformer(with(base, kw)) end,
 }
 
