@@ -6,8 +6,12 @@
 
 static _Thread_local char last_message[1024];
 static _Thread_local int last_status;
+static _Thread_local uint64_t errors_set;
+
+uint64_t ts_error_count(void) { return errors_set; }
 
 int ts_set_error(int status, const char *fmt, ...) {
+  errors_set++;
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(last_message, sizeof last_message, fmt, ap);

@@ -38,6 +38,8 @@ struct ts_tensor {
 
 /* ---- errors: set the thread-local message, return the status (or NULL) ---------------------- */
 int ts_set_error(int status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* How many errors this thread has set: tells whether a call set one of its own, whatever was set before. */
+uint64_t ts_error_count(void);
 #define TS_FAIL_NULL(status, ...) (ts_set_error((status), __VA_ARGS__), (ts_tensor *)NULL)
 /* Formats a shape as "[2,3]" into one of a few rotating thread-local buffers, so that several
    may appear in one error message. */

@@ -93,13 +93,14 @@ ts_storage *ts_storage_new(size_t nbytes, ts_device dev) {
     ts_set_error(TS_ERR_MEMORY, "out of host memory allocating a storage header");
     return NULL;
   }
-  /* an error left by an earlier call that then succeeded must not stand in for this one's: the
-     binding retries on TS_ERR_MEMORY only (a backend that fails sets its own, more precise, error) */
-  ts_clear_error();
+  /* A backend that fails may set its own, more precise, error; one that does not gets ours, even when
+     an older error is still set (the binding retries on TS_ERR_MEMORY only). The older error itself
+     stays: callers that allocate after a failed step report it afterwards. */
+  uint64_t errors = ts_error_count();
   s->data = be->alloc(nbytes ? nbytes : 1, dev.index);
   if (!s->data) {
     free(s);
-    if (!ts_last_status())
+    if (ts_error_count() == errors)
       ts_set_error(TS_ERR_MEMORY, "out of memory allocating %zu bytes on %s", nbytes, ts_device_str(dev));
     return NULL;
   }

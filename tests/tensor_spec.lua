@@ -425,6 +425,30 @@ describe('memory and lifetime', function()
     S.assert_error(function() T.set_memory_limit(-1) end, 'set_memory_limit', '>= 0')
   end)
 
+  it('an allocation that succeeds keeps the error a failed call left', function()
+    local core = require 'tessera.core'
+    local lib, ffi = core.lib, core.ffi
+    assert(lib.ts_mask_generate(9, 1, 2, 2, 0.75, nil) == nil) -- leaves TS_ERR_ARG set
+    local t = lib.ts_empty(1, ffi.new('int64_t[1]', 16), lib.TS_F32, ffi.new('ts_device', { lib.TS_CPU, 0 }))
+    assert(t ~= nil)
+    lib.ts_release(t)
+    assert.equal(lib.TS_ERR_ARG, lib.ts_last_status()) -- a caller that allocates after a failure still reports it
+    lib.ts_clear_error()
+    -- such a caller: layer norm's backward allocates the small weight gradients after x's failed
+    local N, C = 4096, 64
+    local x, w, b = T.randn(N, C):requires_grad_(), T.ones(C):requires_grad_(), T.zeros(C):requires_grad_()
+    local y, g = T.F.layer_norm(x, { C }, w, b), T.randn(N, C)
+    collectgarbage()
+    collectgarbage('stop')
+    finally(function() collectgarbage('restart') end)
+    T.set_memory_limit(T.memory_stats().live + N * C * 4 * 3 / 2) -- room for g's copy, not for x's gradient
+    local ok, err = pcall(function() y:backward(g) end)
+    T.set_memory_limit(0)
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find('would exceed the limit', 1, true), err)
+    assert.is_nil(w.grad)
+  end)
+
   it('views keep their storage alive after the base is freed', function()
     local a = T.arange(6):view(2, 3)
     local v = a[1]
