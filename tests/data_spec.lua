@@ -236,7 +236,8 @@ describe('T.data.IDX', function()
     -- a corrupt header announcing 2^39 bytes: the few bytes there are read, nothing near that allocated
     local huge = write_file(path('huge.idx'), '\0\0\8\3' .. be32(8192) .. be32(8192) .. be32(8192) .. 'abc')
     S.assert_error(function() T.data.IDX(huge, labels) end, 'truncated')
-    local absurd = write_file(path('absurd.idx'), '\0\0\8\3' .. string.rep('\127\255\255\255', 3) .. 'abc')
+    -- 2^31 x 512 x 2^31: the running product would pass 2^64 (and wrap) before a check after it
+    local absurd = write_file(path('absurd.idx'), '\0\0\8\3' .. be32(2 ^ 31) .. be32(512) .. be32(2 ^ 31) .. 'abc')
     S.assert_error(function() T.data.IDX(absurd, labels) end, 'absurd dimensions')
     local long = write_file(path('long.idx'), idx_images(5, 4, 3) .. 'x')
     S.assert_error(function() T.data.IDX(long, labels) end, 'bytes after the data')

@@ -153,7 +153,7 @@ describe('masks.uniform (US)', function()
     assert.is_true(variance > 1.3 and variance < 1.8, 'variance ' .. variance)
   end)
 
-  it('chooses the kept position uniformly and independently of the group (chi-square)', function()
+  it("chooses every group's kept position uniformly (chi-square)", function()
     local n, h, w = 400, 4, 4
     local kept = kept_positions(T.masks.uniform(n, h, w, { generator = T.Generator(2024) }).mask, n, h, w)
     local overall, per_group = { 0, 0, 0, 0 }, {}

@@ -24,7 +24,6 @@ local F = T.F
 local NAME = 'scaled_dot_product_attention'
 local VALID = { bias = true, attn_mask = true, scale = true, is_causal = true, dropout_p = true }
 
-
 -- A "true = keep" boolean mask as an additive bias of q's dtype: 0 where kept, -inf elsewhere.
 local function keep_mask_bias(mask, q)
   local opts = { dtype = q.dtype, device = q.device }
