@@ -4,6 +4,8 @@
 -- reconstruction loss at step 0 and at the end, and the final pictures. cfg.precision = 'bf16' runs
 -- the forward and the loss (training and held-out) under T.autocast('bfloat16'); the backward runs
 -- outside it (the tape remembers the casts) and the optimizer updates float32 master weights.
+-- cfg.dct_scaling = false decodes every JPEG at full size, as PIL does for the official code (true,
+-- the loader's default, decodes at 1/2 to 1/8 scale when the crop is that much larger than the output).
 --
 -- A recipe supplies a `method` table:
 --   method.build(cfg)               → the model
@@ -56,7 +58,8 @@ end
 local function held_out(cfg, method)
   local ds = P.dataset(cfg.data, cfg.eval_split)
   local loader = T.data.Loader(ds, { batch_size = cfg.eval_size, image_size = cfg.input_size, seed = cfg.seed + 1,
-    num_workers = 1, shuffle = false, drop_last = false, scale = { 1, 1 }, ratio = { 1, 1 }, hflip = 0 })
+    num_workers = 1, shuffle = false, drop_last = false, scale = { 1, 1 }, ratio = { 1, 1 }, hflip = 0,
+    dct_scaling = cfg.dct_scaling })
   loader:set_epoch(0)
   local imgs
   for batch in loader:iter() do imgs = batch:to(cfg.device); break end
@@ -89,7 +92,8 @@ function P.train(cfg, run, method)
   local schedule = T.optim.lr_schedule.cosine_warmup{ base_lr = lr, min_lr = cfg.min_lr,
     warmup_epochs = cfg.warmup_epochs, epochs = cfg.epochs }
   local loader = T.data.Loader(P.dataset(cfg.data, 'train'), { batch_size = cfg.batch_size,
-    image_size = cfg.input_size, seed = cfg.seed, num_workers = cfg.num_workers, drop_last = true })
+    image_size = cfg.input_size, seed = cfg.seed, num_workers = cfg.num_workers, drop_last = true,
+    dct_scaling = cfg.dct_scaling })
   local iters = loader:num_batches()
   if cfg.max_iters_per_epoch > 0 then iters = math.min(iters, cfg.max_iters_per_epoch) end
   local evaluate = held_out(cfg, method)
