@@ -437,6 +437,8 @@ describe('F.dropout', function()
     S.assert_error(function() F.dropout(T.ones(3), 0.5, 1) end, 'dropout', 'training must be a boolean')
     S.assert_error(function() F.dropout(T.ones(3), 0.5, true, 42) end, 'dropout', 'Generator')
     S.assert_error(function() F.dropout(T.ones(3, { dtype = 'int64' }), 0.5) end, 'dropout', 'int64')
+    S.assert_error(function() T.nn.Dropout(2) end, 'Dropout: p must be in [0, 1], got 2')
+    S.assert_error(function() T.nn.DropPath(0 / 0) end, 'DropPath: p must be in [0, 1], got nan')
   end)
 end)
 
@@ -561,6 +563,8 @@ describe('F.cross_entropy', function()
       "'none', 'mean' or 'sum'", 'avg')
     S.assert_error(function() F.cross_entropy(z, t, { smoothing = 0.1 }) end, "unknown option 'smoothing'",
       'ignore_index, label_smoothing, reduction, weight')
+    S.assert_error(function() F.cross_entropy(z, t, { label_smoothing = 1.5 }) end,
+      'cross_entropy: label_smoothing must be in [0, 1], got 1.5')
     S.assert_error(function() F.cross_entropy(z, t, { label_smoothing = 1.5 }) end, 'label_smoothing', '[0, 1]')
   end)
 end)

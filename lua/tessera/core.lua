@@ -326,6 +326,7 @@ core.check_nonnegative = checker('a finite number >= 0',
   function(v) return type(v) == 'number' and v >= 0 and v < math.huge end)
 core.check_positive = checker('a finite number > 0',
   function(v) return type(v) == 'number' and v > 0 and v < math.huge end)
+core.check_probability = checker('in [0, 1]', function(v) return type(v) == 'number' and v >= 0 and v <= 1 end)
 
 -- An integer >= min (any integer when min is nil).
 function core.check_integer(what, name, v, min, default)

@@ -34,13 +34,7 @@ local function optional(t, what)
   return handle(t, what)
 end
 
-local check_number, check_boolean = core.check_number, core.check_boolean
-
-local function probability(what, p, default)
-  p = check_number(what, 'p', p, default)
-  if p < 0 or p > 1 then error(string.format('%s: p must be in [0, 1], got %s', what, tostring(p)), 0) end
-  return p
-end
+local check_number, check_boolean, check_probability = core.check_number, core.check_boolean, core.check_probability
 
 local reductions = { none = C.TS_REDUCTION_NONE, mean = C.TS_REDUCTION_MEAN, sum = C.TS_REDUCTION_SUM }
 local function reduction(what, r)
@@ -117,14 +111,14 @@ T.softmax, T.log_softmax = F.softmax, F.log_softmax
 -- ---- dropout -----------------------------------------------------------------------------------
 function F.dropout(x, p, training, gen)
   local what = 'dropout'
-  p = probability(what, p, 0.5)
+  p = check_probability(what, 'p', p, 0.5)
   local training_flag = check_boolean(what, 'training', training, true) and 1 or 0
   return wrap(C.ts_dropout(handle(x, what), p, training_flag, generator(what, gen)))
 end
 
 function F.drop_path(x, p, training, scale_by_keep, gen)
   local what = 'drop_path'
-  p = probability(what, p, 0)
+  p = check_probability(what, 'p', p, 0)
   return wrap(C.ts_drop_path(handle(x, what), p, check_boolean(what, 'training', training, false) and 1 or 0,
     check_boolean(what, 'scale_by_keep', scale_by_keep, true) and 1 or 0, generator(what, gen)))
 end
@@ -135,10 +129,7 @@ function F.cross_entropy(logits, target, opts)
   local what = 'cross_entropy'
   local o = core.options(what, opts, cross_entropy_options)
   local ignore = o.ignore_index == nil and -100 or core.int(o.ignore_index, 'cross_entropy ignore_index')
-  local smoothing = check_number(what, 'label_smoothing', o.label_smoothing, 0)
-  if smoothing < 0 or smoothing > 1 then
-    error(string.format('cross_entropy: label_smoothing must be in [0, 1], got %s', tostring(smoothing)), 0)
-  end
+  local smoothing = check_probability(what, 'label_smoothing', o.label_smoothing, 0)
   return wrap(C.ts_cross_entropy(handle(logits, what), handle(target, what), optional(o.weight, what), ignore,
     smoothing, reduction(what, o.reduction)))
 end

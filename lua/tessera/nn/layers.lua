@@ -189,9 +189,7 @@ return function(nn)
   local Dropout = Module:extend('Dropout')
   nn.Dropout = Dropout
   function Dropout:__init(p)
-    p = p or 0.5
-    if type(p) ~= 'number' or p < 0 or p > 1 then error('Dropout: p must be in [0, 1], got ' .. tostring(p), 2) end
-    self.p = p
+    self.p = core.check_probability('Dropout', 'p', p, 0.5)
   end
   function Dropout:forward(x) return T.F.dropout(x, self.p, self.training) end
   function Dropout:extra_repr() return string.format('p=%g', self.p) end
@@ -200,9 +198,7 @@ return function(nn)
   local DropPath = Module:extend('DropPath')
   nn.DropPath = DropPath
   function DropPath:__init(p, scale_by_keep)
-    p = p or 0
-    if type(p) ~= 'number' or p < 0 or p > 1 then error('DropPath: p must be in [0, 1], got ' .. tostring(p), 2) end
-    self.drop_prob, self.scale_by_keep = p, scale_by_keep ~= false
+    self.drop_prob, self.scale_by_keep = core.check_probability('DropPath', 'p', p, 0), scale_by_keep ~= false
   end
   function DropPath:forward(x) return T.F.drop_path(x, self.drop_prob, self.training, self.scale_by_keep) end
   function DropPath:extra_repr() return string.format('drop_prob=%.3f', self.drop_prob) end
