@@ -79,6 +79,20 @@ describe('pre-training recipes', function()
     assert.same(a, b)
   end)
 
+  it('checkpoints at the first window end after each checkpoint_every steps', function()
+    local checkpoint = require 'tessera.checkpoint'
+    local save, saved = checkpoint.save, {}
+    checkpoint.save = function(path, b)
+      saved[#saved + 1] = { b.epoch, b.iter }
+      return save(path, b)
+    end
+    finally(function() checkpoint.save = save end)
+    -- 8 iterations an epoch in windows of 3 (the last 2 dropped, as MAE); every 2 steps asked for
+    run('pretrain_ummae', dir .. '/cadence', { '--model', 'swin_micro', '--accum_iter', '3', '--batch_size', '1',
+      '--max_iters_per_epoch', '8', '--checkpoint_every', '2' })
+    assert.same({ { 0, 3 }, { 0, 6 }, { 1, 3 }, { 1, 6 }, { 2, 0 } }, saved)
+  end)
+
   it("SimMIM trains a micro Swin with the paper's random masks and with SimMIM's own", function()
     run('pretrain_simmim', dir .. '/simmim', { '--model', 'swin_micro' })
     assert_outputs(dir .. '/simmim')

@@ -109,6 +109,10 @@ function P.train(cfg, run, method)
 
   local step, started = start_epoch * iters + start_iter, clock()
   local first_step = step
+  -- a checkpoint every checkpoint_every steps, taken at the first window end from there on: a
+  -- checkpoint holds no half-summed gradients, and with accumulation the two periods need not meet
+  local function next_checkpoint_after(s) return (math.floor(s / cfg.checkpoint_every) + 1) * cfg.checkpoint_every end
+  local next_checkpoint = cfg.checkpoint_every > 0 and next_checkpoint_after(step) or math.huge
   local images_seen = 0
   for epoch = start_epoch, cfg.epochs - 1 do
     loader:set_epoch(epoch)
@@ -129,10 +133,10 @@ function P.train(cfg, run, method)
         run:progress{ epoch = epoch + 1, epochs = cfg.epochs, iter = it + 1, iters = iters, loss = value, lr = current_lr,
           images_per_s = images_seen / math.max(clock() - started, 1e-9) }
         if step % cfg.log_every == 0 then run:log{ epoch = epoch, iter = it, step = step, loss = value, lr = current_lr } end
-        -- only at the end of an accumulation window: a checkpoint holds no half-summed gradients
-        if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and accum:at_window_start() then
+        if step >= next_checkpoint and accum:at_window_start() then
           run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = epoch, iter = it + 1,
             extra = { loss0 = loss0, losses = losses } }
+          next_checkpoint = next_checkpoint_after(step)
         end
         -- a time-boxed run (stop_after steps in this process) leaves a checkpoint to resume from
         if cfg.stop_after > 0 and step - first_step >= cfg.stop_after and accum:at_window_start() then
