@@ -56,6 +56,8 @@ return {
   presets = {
     tiny = { model = 'swin_micro', input_size = 64, mask_patch_size = 16, batch_size = 32, epochs = 4,
       warmup_epochs = 1, blr = 1.5e-3, max_iters_per_epoch = 300, checkpoint_every = 200, log_every = 10 },
+    -- the official runs' effective batch of 4096 (128 per GPU x 4 accumulation x 8 GPUs) on one device
+    paper = { batch_size = 128, accum_iter = 32 },
   },
   main = function(cfg, run)
     cfg.title = 'SimMIM ' .. cfg.model

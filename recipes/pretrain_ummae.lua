@@ -61,6 +61,10 @@ return {
     -- the README's main job: a small Swin on Fashion-MNIST, about 10 minutes on 2 cores
     tiny = { model = 'swin_micro', input_size = 64, batch_size = 32, epochs = 4, warmup_epochs = 1, blr = 1.5e-3,
       max_iters_per_epoch = 300, checkpoint_every = 200, log_every = 10 },
+    -- the official runs' effective batch of 4096 (128 per GPU x 4 accumulation x 8 GPUs) on one device
+    paper = { batch_size = 128, accum_iter = 32 },
+    -- the official Swin-L run: 800 epochs, 40 of warm-up, 64 per GPU x 8 accumulation x 8 GPUs
+    paper_swin_large = { model = 'swin_large', batch_size = 64, accum_iter = 64, epochs = 800, warmup_epochs = 40 },
   },
   main = function(cfg, run)
     cfg.title = 'UM-MAE ' .. cfg.model

@@ -79,6 +79,19 @@ describe('pre-training recipes', function()
     assert.same(a, b)
   end)
 
+  it('the paper presets give the official effective batch of 4096', function()
+    local function config(recipe, preset)
+      return R.parse(R.load('recipes/' .. recipe .. '.lua'), { '--preset', preset }).config
+    end
+    for _, recipe in ipairs { 'pretrain_ummae', 'pretrain_simmim', 'pretrain_mae' } do
+      local cfg = config(recipe, 'paper')
+      assert.equal(4096, cfg.batch_size * cfg.accum_iter, recipe)
+    end
+    local large = config('pretrain_ummae', 'paper_swin_large')
+    assert.same({ 'swin_large', 4096, 800, 40 },
+      { large.model, large.batch_size * large.accum_iter, large.epochs, large.warmup_epochs })
+  end)
+
   it('checkpoints at the first window end after each checkpoint_every steps', function()
     local checkpoint = require 'tessera.checkpoint'
     local save, saved = checkpoint.save, {}
