@@ -272,7 +272,11 @@ function Tensor.to(t, spec, spec2)
   if dev then
     local moved = wrap(C.ts_to_device(h, dev))
     if not dtype then return moved end
-    h = moved.h
+    -- the moved copy is only a step: released at once, not at the next collection (on a GPU it
+    -- may be a whole batch of device memory)
+    local converted = wrap(C.ts_to_dtype(moved.h, dtype))
+    moved:free()
+    return converted
   end
   return wrap(C.ts_to_dtype(h, dtype or C.ts_dtype_of(h)))
 end
