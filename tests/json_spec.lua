@@ -52,6 +52,18 @@ describe('json.decode', function()
     for _ = 1, 500 do v = v[1] end
     assert.are.equal(7, v)
     S.assert_error(function() json.decode(string.rep('[', 600) .. string.rep(']', 600)) end, 'nested deeper than 512')
+    -- encoding has the same bound: what it writes, decode reads back
+    local function nested(levels)
+      local top = {}
+      local t = top
+      for _ = 2, levels do t[1] = {}; t = t[1] end
+      t[1] = 7
+      return top
+    end
+    local text = string.rep('[', 512) .. '7' .. string.rep(']', 512)
+    assert.equal(text, json.encode(nested(512)))
+    assert.equal(text, json.encode(json.decode(text)))
+    S.assert_error(function() json.encode(nested(513)) end, 'json.encode: values nested deeper than 512 levels')
   end)
 
   it('reports errors with byte, line and column', function()

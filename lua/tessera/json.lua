@@ -342,6 +342,7 @@ local encode_value
 
 local function encode_table(t, E, path, level)
   if E.active[t] then encode_error(path, 'a table contains itself (cycles cannot be JSON)') end
+  if level >= MAX_DEPTH then encode_error(path, format('values nested deeper than %d levels', MAX_DEPTH)) end
   local kind, count, keys = table_kind(t, path)
   if count == 0 then return kind == 'array' and '[]' or '{}' end
   E.active[t] = true
