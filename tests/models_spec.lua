@@ -87,6 +87,10 @@ describe('model zoo', function()
 
   it('refuses encoder/decoder geometries that cannot meet', function()
     S.assert_error(function() micro_swin{ depths = { 1, 1, 1 }, num_heads = { 1, 1, 2 } } end, '3 stages', 'decoder needs')
+    S.assert_error(function() micro_swin{ img_size = 100 } end,
+      'MaskedAutoencoderSwin: img_size 100 is not a multiple of stride 8')
+    S.assert_error(function() T.models.VisionTransformer{ img_size = 30, patch_size = 8 } end,
+      'VisionTransformer: img_size 30 is not a multiple of patch_size 8')
   end)
 
   it('classifies with the fine-tuning models', function()

@@ -3,6 +3,7 @@
 -- UM-MAE recipe also resumes exactly.
 local T = require 'tessera'
 local R = require 'tessera.recipe'
+local S = require 'support'
 local json = T.json
 
 local dir = os.tmpname()
@@ -77,6 +78,14 @@ describe('pre-training recipes', function()
     local a, b = losses(straight .. '/log.jsonl'), losses(split .. '/log.jsonl')
     assert.equal(8, #a)
     assert.same(a, b)
+  end)
+
+  it('refuses bad loop options and image sizes with messages naming them', function()
+    local function bad(key, value)
+      return function() run('pretrain_ummae', dir .. '/bad', { '--model', 'swin_micro', key, value }) end
+    end
+    S.assert_error(bad('--checkpoint_every', '-5'), 'pretrain: --checkpoint_every must be a non-negative integer, got -5')
+    S.assert_error(bad('--input_size', '100'), 'MaskedAutoencoderSwin: img_size 100 is not a multiple of stride 8')
   end)
 
   it('the paper presets give the official effective batch of 4096', function()

@@ -14,10 +14,22 @@
 --                                     the removed patches) — `generator` feeds any further masking
 --   method.patch(cfg)               → the loss patch size in pixels
 local T = require 'tessera'
+local core = require 'tessera.core'
 local V = require 'tessera.visualize'
 local clock = require('tessera.bench').now
 
 local P = {}
+
+-- The loop's own options, checked before anything is built (0 turns each of the first three off);
+-- the library checks the others where they are used, naming them.
+local function check_options(cfg)
+  for _, key in ipairs { 'checkpoint_every', 'max_iters_per_epoch', 'stop_after' } do
+    core.check_integer('pretrain', '--' .. key, cfg[key], 0)
+  end
+  core.check_integer('pretrain', '--log_every', cfg.log_every, 1)
+  core.check_nonnegative('pretrain', '--clip_grad', cfg.clip_grad)
+  core.check_nonnegative('pretrain', '--lr', cfg.lr)
+end
 
 -- The datasets a recipe can name: 'fashion-mnist' (Debian's dataset-fashion-mnist), an
 -- ImageFolder directory, or 'list:ROOT:FILE' (official IN1K/train.txt style).
@@ -85,6 +97,7 @@ function P.masked_autoencoder_step(model, imgs, mask, generator)
 end
 
 function P.train(cfg, run, method)
+  check_options(cfg)
   local model = method.build(cfg):to(cfg.device) -- before the optimizer: to() replaces the parameters
   local lr = P.learning_rate(cfg)
   local groups = T.optim.param_groups_weight_decay(model, cfg.weight_decay)

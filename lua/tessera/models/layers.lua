@@ -10,9 +10,24 @@ local L = {}
 -- ---- options -----------------------------------------------------------------------------------
 -- Constructor arguments arrive under the official names (as in the reference files' ctor_kwargs).
 -- norm_layer is {type = 'LayerNorm', eps = E} or a number (the eps).
+-- The image must tile into patches, and into the stride-sized mask patches where a model has them.
+local function check_tiling(class, a)
+  for _, key in ipairs { 'patch_size', 'stride' } do
+    local size = a[key]
+    if type(a.img_size) == 'number' and type(size) == 'number' then
+      local grid = a.img_size / size
+      if grid < 1 or grid ~= math.floor(grid) then
+        error(string.format('%s: img_size %s is not a multiple of %s %s', class, tostring(a.img_size), key,
+          tostring(size)), 0)
+      end
+    end
+  end
+end
+
 function L.args(class, given, defaults)
   local out = nn.options(class, given, defaults)
   for k, v in each(out) do if v == nn.NONE then out[k] = nil end end   -- nn.NONE given for a key
+  check_tiling(class, out)
   return out
 end
 
