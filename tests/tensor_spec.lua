@@ -367,6 +367,7 @@ describe('memory and lifetime', function()
     assert.is_true(T.memory_stats().live < before + 4 * 1024 * 1024)
     S.assert_error(function() return t + 1 end, 'used after free')
     S.assert_error(function() return t:view(-1) end, 'used after free')
+    S.assert_error(function() return T.where(T.ones(2):gt(0), 1, t) end, 'where', 'used after free')
     t:free() -- a second free is harmless
   end)
 

@@ -400,7 +400,7 @@ function T.where(cond, a, b)
   local hc = handle(cond, 'where')
   local function operand(x, other)
     if core.is_tensor(x) then return x end
-    local dt = core.is_tensor(other) and C.ts_dtype_of(other.h) or core.dtype()
+    local dt = core.is_tensor(other) and C.ts_dtype_of(handle(other, 'where')) or core.dtype()
     if not core.is_floating(dt) and not core.is_integer(scalar(x, 'where')) then dt = core.dtype() end
     return wrap(C.ts_full(0, nil, scalar(x, 'where'), dt, C.ts_device_of(hc)))
   end
