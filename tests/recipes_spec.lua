@@ -32,6 +32,13 @@ local function lines(path)
   return out
 end
 
+-- The training losses a run logged, in order.
+local function losses(path)
+  local out = {}
+  for _, l in ipairs(lines(path)) do if l.loss then out[#out + 1] = l.loss end end
+  return out
+end
+
 local function assert_outputs(out)
   for _, f in ipairs { 'log.jsonl', 'loss_curve.png', 'reconstructions.png', 'checkpoint.safetensors', 'config.json' } do
     local h = io.open(out .. '/' .. f)
@@ -50,11 +57,6 @@ describe('pre-training recipes', function()
     assert_outputs(straight)
     run('pretrain_ummae', split, { '--model', 'swin_micro', '--stop_after', '3' }) -- interrupted mid-epoch
     run('pretrain_ummae', split, { '--model', 'swin_micro', '--resume', split .. '/checkpoint.safetensors' })
-    local function losses(path)
-      local out = {}
-      for _, l in ipairs(lines(path)) do if l.loss then out[#out + 1] = l.loss end end
-      return out
-    end
     local a, b = losses(straight .. '/log.jsonl'), losses(split .. '/log.jsonl')
     assert.equal(4, #a)
     assert.same(a, b)
@@ -70,11 +72,6 @@ describe('pre-training recipes', function()
     local resume = { unpack(acc) }
     for _, a in ipairs { '--resume', split .. '/checkpoint.safetensors' } do resume[#resume + 1] = a end
     run('pretrain_ummae', split, resume)
-    local function losses(path)
-      local out = {}
-      for _, l in ipairs(lines(path)) do if l.loss then out[#out + 1] = l.loss end end
-      return out
-    end
     local a, b = losses(straight .. '/log.jsonl'), losses(split .. '/log.jsonl')
     assert.equal(8, #a)
     assert.same(a, b)
