@@ -20,11 +20,16 @@ end
 function Tensor.matmul(a, b) return wrap(C.ts_matmul(handle(a, 'matmul'), handle(b, 'matmul'))) end
 T.matmul = Tensor.matmul
 
--- [n,k] @ [k,m] only.
-function Tensor.mm(a, b)
-  check_dims('mm', a, b, 2, 2, '2-D tensors')
-  return wrap(C.ts_matmul(a.h, b.h))
+-- ts_matmul restricted to operands of na and nb dims, as torch.mm, mv and dot are.
+local function product_of_dims(what, na, nb, expect)
+  return function(a, b)
+    check_dims(what, a, b, na, nb, expect)
+    return wrap(C.ts_matmul(a.h, b.h))
+  end
 end
+
+-- [n,k] @ [k,m] only.
+Tensor.mm = product_of_dims('mm', 2, 2, '2-D tensors')
 T.mm = Tensor.mm
 
 -- [B,n,k] @ [B,k,m], batch sizes equal (no broadcasting).
@@ -32,17 +37,11 @@ function Tensor.bmm(a, b) return wrap(C.ts_bmm(handle(a, 'bmm'), handle(b, 'bmm'
 T.bmm = Tensor.bmm
 
 -- [n,k] @ [k] → [n].
-function Tensor.mv(a, v)
-  check_dims('mv', a, v, 2, 1, 'a 2-D matrix and a 1-D vector')
-  return wrap(C.ts_matmul(a.h, v.h))
-end
+Tensor.mv = product_of_dims('mv', 2, 1, 'a 2-D matrix and a 1-D vector')
 T.mv = Tensor.mv
 
 -- [k] . [k] → 0-d.
-function Tensor.dot(a, b)
-  check_dims('dot', a, b, 1, 1, '1-D tensors')
-  return wrap(C.ts_matmul(a.h, b.h))
-end
+Tensor.dot = product_of_dims('dot', 1, 1, '1-D tensors')
 T.dot = Tensor.dot
 
 return T
