@@ -40,25 +40,12 @@ end
 
 method.step = pretrain.masked_autoencoder_step
 
-return {
+return pretrain.recipe {
   description = 'MAE pre-training of a ViT with random, grid-wise, uniform or uniform-masking sampling',
-  defaults = {
-    model = 'vit_base', sampling = 'rs', data = 'fashion-mnist', eval_split = 'test', input_size = 224,
-    batch_size = 64, accum_iter = 1, epochs = 200, warmup_epochs = 10, blr = 1.5e-4, lr = 0, min_lr = 0,
-    weight_decay = 0.05, clip_grad = 0, mask_ratio = 0.75, vis_mask_ratio = 0.25, norm_pix_loss = true,
-    num_workers = 2, dct_scaling = true, seed = 0, log_every = 20, checkpoint_every = 500, max_iters_per_epoch = 0,
-    eval_size = 16, stop_after = 0, device = 'cpu', precision = 'fp32',
-  },
-  types = { lr = 'number', min_lr = 'number', clip_grad = 'number', blr = 'number', weight_decay = 'number' },
-  model_keys = { 'model', 'input_size' },
-  choices = { model = { 'vit_base', 'vit_micro' }, sampling = { 'rs', 'gs', 'us', 'um' },
-    precision = { 'fp32', 'bf16' } },
-  presets = {
-    tiny = { model = 'vit_micro', input_size = 64, batch_size = 32, epochs = 4, warmup_epochs = 1, blr = 1.5e-3,
-      max_iters_per_epoch = 300, checkpoint_every = 200, log_every = 10 },
-    -- the official runs' effective batch of 4096 (128 per GPU x 4 accumulation x 8 GPUs) on one device
-    paper = { batch_size = 128, accum_iter = 32 },
-  },
+  defaults = { model = 'vit_base', sampling = 'rs', input_size = 224, mask_ratio = 0.75, vis_mask_ratio = 0.25,
+    norm_pix_loss = true },
+  choices = { model = { 'vit_base', 'vit_micro' }, sampling = { 'rs', 'gs', 'us', 'um' } },
+  presets = { tiny = pretrain.tiny_preset { model = 'vit_micro', input_size = 64 } },
   main = function(cfg, run)
     cfg.title = 'MAE ' .. cfg.model .. ' ' .. cfg.sampling:upper()
     return pretrain.train(cfg, run, method)

@@ -40,25 +40,12 @@ function method.step(model, imgs, mask)
   return loss, L.take_rows(pred, order:narrow(1, visible, mask:size(1) - visible))
 end
 
-return {
+return pretrain.recipe {
   description = 'SimMIM pre-training (mask tokens in the full encoder, L1 loss) of Swin or PVT',
-  defaults = {
-    model = 'swin_tiny', data = 'fashion-mnist', eval_split = 'test', input_size = 256,
-    batch_size = 64, accum_iter = 1, epochs = 200, warmup_epochs = 10, blr = 1.5e-4, lr = 0, min_lr = 0,
-    weight_decay = 0.05, clip_grad = 0, sampling = 'rs', mask_ratio = 0.75, mask_patch_size = 32, norm_pix_loss = false,
-    num_workers = 2, dct_scaling = true, seed = 0, log_every = 20, checkpoint_every = 500, max_iters_per_epoch = 0,
-    eval_size = 16, stop_after = 0, device = 'cpu', precision = 'fp32',
-  },
-  types = { lr = 'number', min_lr = 'number', clip_grad = 'number', blr = 'number', weight_decay = 'number' },
-  model_keys = { 'model', 'input_size' },
-  choices = { model = { 'swin_tiny', 'pvt_small', 'swin_micro' }, sampling = { 'rs', 'simmim' },
-    precision = { 'fp32', 'bf16' } },
-  presets = {
-    tiny = { model = 'swin_micro', input_size = 64, mask_patch_size = 16, batch_size = 32, epochs = 4,
-      warmup_epochs = 1, blr = 1.5e-3, max_iters_per_epoch = 300, checkpoint_every = 200, log_every = 10 },
-    -- the official runs' effective batch of 4096 (128 per GPU x 4 accumulation x 8 GPUs) on one device
-    paper = { batch_size = 128, accum_iter = 32 },
-  },
+  defaults = { model = 'swin_tiny', input_size = 256, sampling = 'rs', mask_ratio = 0.75, mask_patch_size = 32,
+    norm_pix_loss = false },
+  choices = { model = { 'swin_tiny', 'pvt_small', 'swin_micro' }, sampling = { 'rs', 'simmim' } },
+  presets = { tiny = pretrain.tiny_preset { model = 'swin_micro', input_size = 64, mask_patch_size = 16 } },
   main = function(cfg, run)
     cfg.title = 'SimMIM ' .. cfg.model
     return pretrain.train(cfg, run, method)

@@ -44,25 +44,15 @@ end
 
 method.step = pretrain.masked_autoencoder_step
 
-return {
+return pretrain.recipe {
   description = 'UM-MAE pre-training (uniform sampling + secondary masking) of Swin, PVT or ViT',
-  defaults = {
-    model = 'swin_tiny', data = 'fashion-mnist', eval_split = 'test', input_size = 256,
-    batch_size = 64, accum_iter = 1, epochs = 200, warmup_epochs = 10, blr = 1.5e-4, lr = 0, min_lr = 0,
-    weight_decay = 0.05, clip_grad = 0, vis_mask_ratio = 0.25, norm_pix_loss = true, decoder_pos = 'official',
-    num_workers = 2, dct_scaling = true, seed = 0, log_every = 20, checkpoint_every = 500, max_iters_per_epoch = 0,
-    eval_size = 16, stop_after = 0, device = 'cpu', precision = 'fp32',
-  },
-  types = { lr = 'number', min_lr = 'number', clip_grad = 'number', blr = 'number', weight_decay = 'number' },
-  model_keys = { 'model', 'input_size' },
+  defaults = { model = 'swin_tiny', input_size = 256, vis_mask_ratio = 0.25, norm_pix_loss = true,
+    decoder_pos = 'official' },
   choices = { model = { 'swin_tiny', 'swin_large', 'pvt_small', 'vit_base', 'swin_micro' },
-    decoder_pos = { 'official', 'corrected' }, precision = { 'fp32', 'bf16' } },
+    decoder_pos = { 'official', 'corrected' } },
   presets = {
-    -- the README's main job: a small Swin on Fashion-MNIST, about 10 minutes on 2 cores
-    tiny = { model = 'swin_micro', input_size = 64, batch_size = 32, epochs = 4, warmup_epochs = 1, blr = 1.5e-3,
-      max_iters_per_epoch = 300, checkpoint_every = 200, log_every = 10 },
-    -- the official runs' effective batch of 4096 (128 per GPU x 4 accumulation x 8 GPUs) on one device
-    paper = { batch_size = 128, accum_iter = 32 },
+    -- the README's main job: a small Swin on Fashion-MNIST
+    tiny = pretrain.tiny_preset { model = 'swin_micro', input_size = 64 },
     -- the official Swin-L run: 800 epochs, 40 of warm-up, 64 per GPU x 8 accumulation x 8 GPUs
     paper_swin_large = { model = 'swin_large', batch_size = 64, accum_iter = 64, epochs = 800, warmup_epochs = 40 },
   },

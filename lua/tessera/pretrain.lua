@@ -16,9 +16,41 @@
 local T = require 'tessera'
 local core = require 'tessera.core'
 local V = require 'tessera.visualize'
+local merge = require('tessera.models.layers').merge
 local clock = require('tessera.bench').now
 
 local P = {}
+
+-- ---- what every pre-training recipe has -----------------------------------------------------------
+-- The loop's options with the official main_pretrain.py defaults: AdamW (0.9, 0.95), base lr
+-- 1.5e-4 x batch / 256 (lr 0: derived), weight decay 0.05, 200 epochs with 10 of warm-up, batch 64.
+local LOOP_DEFAULTS = { data = 'fashion-mnist', eval_split = 'test', batch_size = 64, accum_iter = 1, epochs = 200,
+  warmup_epochs = 10, blr = 1.5e-4, lr = 0, min_lr = 0, weight_decay = 0.05, clip_grad = 0, num_workers = 2,
+  dct_scaling = true, seed = 0, log_every = 20, checkpoint_every = 500, max_iters_per_epoch = 0, eval_size = 16,
+  stop_after = 0, device = 'cpu', precision = 'fp32' }
+local LOOP_TYPES = { lr = 'number', min_lr = 'number', clip_grad = 'number', blr = 'number', weight_decay = 'number' }
+local LOOP_PRESETS = {
+  -- the official runs' effective batch of 4096 (128 per GPU x 4 accumulation x 8 GPUs) on one device
+  paper = { batch_size = 128, accum_iter = 32 },
+}
+
+-- A recipe table (tessera.recipe's contract) from a recipe's own parts: the loop's defaults, types,
+-- precision choice, model_keys and presets are filled in, and what the recipe gives wins.
+function P.recipe(r)
+  r.defaults = merge(LOOP_DEFAULTS, r.defaults)
+  r.types = merge(LOOP_TYPES, r.types)
+  r.choices = merge({ precision = { 'fp32', 'bf16' } }, r.choices)
+  r.model_keys = r.model_keys or { 'model', 'input_size' }
+  r.presets = merge(LOOP_PRESETS, r.presets)
+  return r
+end
+
+-- A `tiny` preset: a few minutes on 2 cores (4 short epochs, a larger lr), with the recipe's small
+-- model and input given as `model`.
+function P.tiny_preset(model)
+  return merge({ batch_size = 32, epochs = 4, warmup_epochs = 1, blr = 1.5e-3, max_iters_per_epoch = 300,
+    checkpoint_every = 200, log_every = 10 }, model)
+end
 
 -- The loop's own options, checked before anything is built (0 turns each of the first three off);
 -- the library checks the others where they are used, naming them.
