@@ -356,10 +356,16 @@ describe('indexing syntax', function()
 end)
 
 describe('memory and lifetime', function()
-  it('free() releases at once and later use is an error', function()
+  -- A full collection, then none until the test ends: a finalizer freeing an earlier test's garbage
+  -- would move the byte counts between two readings.
+  local function stop_collector()
     collectgarbage()
-    collectgarbage('stop') -- no finalizer may move the count between the readings
+    collectgarbage('stop')
     finally(function() collectgarbage('restart') end)
+  end
+
+  it('free() releases at once and later use is an error', function()
+    stop_collector()
     local before = T.memory_stats().live
     local t = T.zeros(1024, 1024)
     assert.is_true(T.memory_stats().live >= before + 4 * 1024 * 1024)
@@ -374,11 +380,7 @@ describe('memory and lifetime', function()
   it('caches large host blocks by size class for reuse until empty_cache()', function()
     local MB = 1024 * 1024
     local function held() local s = T.memory_stats(); return s.reserved - s.live end -- beyond live bytes
-    -- no collection during the test: a finalizer freeing an earlier test's garbage would move the
-    -- byte counts between two readings
-    collectgarbage()
-    collectgarbage('stop')
-    finally(function() collectgarbage('restart') end)
+    stop_collector()
     T.empty_cache()
     local base = held() -- other live tensors' rounding up to their size class
     local t = T.empty(16 * MB) -- 64 MB: a size class of its own
@@ -439,9 +441,7 @@ describe('memory and lifetime', function()
     local N, C = 4096, 64
     local x, w, b = T.randn(N, C):requires_grad_(), T.ones(C):requires_grad_(), T.zeros(C):requires_grad_()
     local y, g = T.F.layer_norm(x, { C }, w, b), T.randn(N, C)
-    collectgarbage()
-    collectgarbage('stop')
-    finally(function() collectgarbage('restart') end)
+    stop_collector()
     T.set_memory_limit(T.memory_stats().live + N * C * 4 * 3 / 2) -- room for g's copy, not for x's gradient
     local ok, err = pcall(function() y:backward(g) end)
     T.set_memory_limit(0)
