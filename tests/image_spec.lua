@@ -3,14 +3,8 @@
 -- alpha, 1-bit, transparency) are built byte by byte here, with stored (uncompressed) zlib blocks.
 local T = require 'tessera'
 local S = require 'support'
-local core = require 'tessera.core'
 
-local function values(t)
-  local buf, n = core.host_values(t)
-  local out = {}
-  for i = 0, n - 1 do out[i + 1] = buf[i] end
-  return out
-end
+local values = S.values
 
 -- ---- a scratch directory -------------------------------------------------------------------------
 local dir = os.tmpname()

@@ -6,12 +6,7 @@ local S = require 'support'
 local core = require 'tessera.core'
 local ffi, C = core.ffi, core.C
 
-local function values(t)
-  local buf, n = core.host_values(t)
-  local out = {}
-  for i = 0, n - 1 do out[i + 1] = buf[i] end
-  return out
-end
+local values = S.values
 
 -- Row i (1-based) of a [N, L] value list.
 local function row(list, i, l)

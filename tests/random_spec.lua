@@ -17,12 +17,7 @@ local function lane(seed, offset, i)
   return philox(seed, offset + math.floor(i / 4))[i % 4 + 1]
 end
 
-local function values(t)
-  local buf, n = core.host_values(t)
-  local out = {}
-  for i = 0, n - 1 do out[i + 1] = buf[i] end
-  return out
-end
+local values = S.values
 
 local function mean_var(t)
   local buf, n = core.host_values(t)

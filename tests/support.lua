@@ -34,6 +34,14 @@ function S.flatten(tbl)
   return out
 end
 
+-- A tensor's values as a flat list of Lua numbers (doubles) in row-major order, from any device.
+function S.values(t)
+  local buf, n = require('tessera.core').host_values(t)
+  local out = {}
+  for i = 0, n - 1 do out[i + 1] = buf[i] end
+  return out
+end
+
 -- A float64 tensor of random values with the given shape, plus its flat Lua values.
 function S.rand_tensor(shape, seed, dtype)
   local n = 1
