@@ -7,11 +7,7 @@ local S = require 'support'
 
 local sdpa = T.F.scaled_dot_product_attention
 
-local function numel(shape)
-  local n = 1
-  for _, s in ipairs(shape) do n = n * s end
-  return n
-end
+local numel = S.numel
 
 -- A float64 tensor of random values in [lo, hi).
 local function rand(shape, seed, lo, hi)

@@ -7,12 +7,7 @@ local S = require 'support'
 local checkpoint = require 'tessera.checkpoint'
 local TESSERA = require 'fixtures.tessera_bin'
 
-local function tmpdir()
-  local dir = os.tmpname()
-  os.remove(dir)
-  assert(os.execute("mkdir -p '" .. dir .. "'"))
-  return dir
-end
+local tmpdir = S.tmpdir
 
 local function rmdir(dir) os.execute("rm -rf '" .. dir .. "'") end
 

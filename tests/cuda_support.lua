@@ -93,11 +93,7 @@ function CS.check(case, got, want, opts)
 end
 
 -- ---- inputs -----------------------------------------------------------------------------------------
-local function numel(shape)
-  local n = 1
-  for _, s in ipairs(shape) do n = n * s end
-  return n
-end
+local numel = S.numel
 
 -- A CPU tensor of `shape` (default {8, 12}) and dtype with values in [lo, hi] (default [-4, 4]).
 -- Floats get NaN, infinities and signed zeros unless opts.specials == false; integers are

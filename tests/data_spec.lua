@@ -28,18 +28,8 @@ assert(os.execute('mkdir -p ' .. dir) == 0)
 teardown(function() os.execute('rm -rf ' .. dir) end)
 local function path(name) return dir .. '/' .. name end
 local function mkdir(p) assert(os.execute("mkdir -p '" .. p .. "'") == 0) end
-local function write_file(p, bytes)
-  local f = assert(io.open(p, 'wb'))
-  f:write(bytes)
-  f:close()
-  return p
-end
-local function read_file(p)
-  local f = assert(io.open(p, 'rb'))
-  local s = f:read('*a')
-  f:close()
-  return s
-end
+local write_file = S.write_file
+local read_file = S.read_file
 
 -- The raw bytes of a tensor (contiguous), for bit-for-bit comparisons.
 local function bytes_of(t)

@@ -11,18 +11,8 @@ local dir = os.tmpname()
 os.remove(dir)
 assert(os.execute('mkdir -p ' .. dir) == 0)
 local function path(name) return dir .. '/' .. name end
-local function write_file(name, bytes)
-  local f = assert(io.open(path(name), 'wb'))
-  f:write(bytes)
-  f:close()
-  return path(name)
-end
-local function read_file(p)
-  local f = assert(io.open(p, 'rb'))
-  local s = f:read('*a')
-  f:close()
-  return s
-end
+local function write_file(name, bytes) return S.write_file(path(name), bytes) end
+local read_file = S.read_file
 local function listing()
   local p = io.popen('ls -A ' .. dir)
   local names = {}

@@ -5,11 +5,7 @@ local T = require 'tessera'
 local S = require 'support'
 
 -- ---- plain-Lua references over flat row-major lists ------------------------------------------
-local function numel(shape)
-  local n = 1
-  for _, s in ipairs(shape) do n = n * s end
-  return n
-end
+local numel = S.numel
 
 -- 1-based position in a flat list of the 0-based multi-index idx.
 local function pos(shape, idx)

@@ -6,11 +6,7 @@ local T = require 'tessera'
 local S = require 'support'
 local F = T.F
 
-local function numel(shape)
-  local n = 1
-  for _, s in ipairs(shape) do n = n * s end
-  return n
-end
+local numel = S.numel
 
 -- A float64 tensor of the given shape with values in [lo, hi), strided when asked, and its flat values.
 local function rand_values(shape, seed, lo, hi, strided)

@@ -8,11 +8,7 @@ local F = T.F
 local floor = math.floor
 
 -- ---- helpers -----------------------------------------------------------------------------------
-local function numel(shape)
-  local n = 1
-  for _, s in ipairs(shape) do n = n * s end
-  return n
-end
+local numel = S.numel
 
 -- A tensor of random values in [lo, hi) and its flat Lua values (row-major, 1-based).
 local function rand(shape, seed, dtype, lo, hi)

@@ -10,12 +10,7 @@ local TESSERA = require 'fixtures.tessera_bin'
 
 local FIXTURE = 'tests/fixtures/linreg_recipe.lua'
 
-local function tmpdir()
-  local dir = os.tmpname()
-  os.remove(dir)
-  assert(os.execute("mkdir -p '" .. dir .. "'"))
-  return dir
-end
+local tmpdir = S.tmpdir
 
 local function read(path)
   local f = io.open(path, 'rb')

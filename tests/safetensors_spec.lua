@@ -13,18 +13,9 @@ local dir
 
 local function path_of(name) return dir .. '/' .. name end
 
-local function read_file(path)
-  local f = assert(io.open(path, 'rb'))
-  local s = f:read('*a')
-  f:close()
-  return s
-end
+local read_file = S.read_file
 
-local function write_file(path, s)
-  local f = assert(io.open(path, 'wb'))
-  f:write(s)
-  f:close()
-end
+local write_file = S.write_file
 
 local function list_dir(d)
   local p = io.popen('ls -A ' .. d)

@@ -3,11 +3,7 @@
 local T = require 'tessera'
 local S = require 'support'
 
-local function numel(shape)
-  local n = 1
-  for _, s in ipairs(shape) do n = n * s end
-  return n
-end
+local numel = S.numel
 
 local function flat(t) return S.flatten({ t:totable() }) end
 

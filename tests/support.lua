@@ -1,4 +1,4 @@
--- support.lua — helpers the specs share: references in plain Lua doubles, closeness, errors.
+-- support.lua — helpers the specs share: references in plain Lua doubles, closeness, errors, files.
 local T = require 'tessera'
 local S = {}
 
@@ -42,12 +42,41 @@ function S.values(t)
   return out
 end
 
--- A float64 tensor of random values with the given shape, plus its flat Lua values.
-function S.rand_tensor(shape, seed, dtype)
+-- The number of elements of a shape (a list of sizes).
+function S.numel(shape)
   local n = 1
   for _, s in ipairs(shape) do n = n * s end
-  local flat = S.randoms(n, seed)
+  return n
+end
+
+-- A float64 tensor of random values with the given shape, plus its flat Lua values.
+function S.rand_tensor(shape, seed, dtype)
+  local flat = S.randoms(S.numel(shape), seed)
   return T.tensor(S.nest(flat, shape), { dtype = dtype or 'float64' }), flat
+end
+
+-- ---- files ----------------------------------------------------------------------------------------
+function S.read_file(path)
+  local f = assert(io.open(path, 'rb'))
+  local s = f:read('*a')
+  f:close()
+  return s
+end
+
+-- Writes bytes to path and returns the path.
+function S.write_file(path, bytes)
+  local f = assert(io.open(path, 'wb'))
+  f:write(bytes)
+  f:close()
+  return path
+end
+
+-- A fresh empty directory.
+function S.tmpdir()
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(os.execute("mkdir -p '" .. dir .. "'"))
+  return dir
 end
 
 -- Asserts |a - b| <= atol + rtol * |b| elementwise (a: tensor or list/number, b: the reference).
