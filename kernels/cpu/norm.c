@@ -183,6 +183,15 @@ typedef struct {
   int training;
 } batch_norm_ctx;
 
+/* The two per-plane buffers p1 and p2; on failure neither is held and the error is set. */
+static int alloc_plane_sums(const char *op, batch_norm_ctx *c) {
+  c->p1 = alloc_doubles(op, c->n * c->c);
+  c->p2 = c->p1 ? alloc_doubles(op, c->n * c->c) : NULL;
+  if (c->p2) return TS_OK;
+  free(c->p1);
+  return ts_last_status();
+}
+
 ALWAYS_INLINE void plane_moments(const batch_norm_ctx *c, int64_t plane, int f64) {
   row_moments(c->x, plane * c->s, c->s, &c->p1[plane], &c->p2[plane], f64);
 }
@@ -238,12 +247,7 @@ static void run_planes(const batch_norm_ctx *c, int f64, ts_range_fn f32_fn, ts_
 int cpu_batch_norm_stats(ts_tensor *mean, ts_tensor *var, const ts_tensor *x) {
   int f64 = x->dtype == TS_F64;
   batch_norm_ctx c = {.x = ts_elem_ptr(x), .n = x->shape[0], .c = x->shape[1], .s = x->shape[2]};
-  c.p1 = alloc_doubles("batch_norm", c.n * c.c);
-  c.p2 = c.p1 ? alloc_doubles("batch_norm", c.n * c.c) : NULL;
-  if (!c.p2) {
-    free(c.p1);
-    return ts_last_status();
-  }
+  if (alloc_plane_sums("batch_norm", &c)) return ts_last_status();
   run_planes(&c, f64, moments_f32, moments_f64);
   /* the planes of a channel merged in sample order (Chan, Golub and LeVeque) */
   for (int64_t ch = 0; ch < c.c; ch++) {
@@ -279,12 +283,7 @@ int cpu_batch_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const t
                       .s = x->shape[2], .training = training};
   int need_sums = gw || gb || (gx && training);
   if (need_sums) {
-    c.p1 = alloc_doubles("batch_norm backward", c.n * c.c);
-    c.p2 = c.p1 ? alloc_doubles("batch_norm backward", c.n * c.c) : NULL;
-    if (!c.p2) {
-      free(c.p1);
-      return ts_last_status();
-    }
+    if (alloc_plane_sums("batch_norm backward", &c)) return ts_last_status();
     run_planes(&c, f64, grad_sums_f32, grad_sums_f64);
     /* per-channel totals, in sample order, into the first C entries */
     for (int64_t ch = 0; ch < c.c; ch++) {
