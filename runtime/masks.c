@@ -1,9 +1,12 @@
 /* masks.c — patch masks for masked image modeling and UM-MAE's compaction of masked token grids.
  *
- * Masks are small uint8 tables [N, L] made on the host: 1 = removed, 0 = visible, patches numbered
- * row-major on an h x w grid. Their randomness is a draw from a generator's Philox stream (the
- * public ts_randint_/ts_uniform_, so the definitions in tessera.h hold on every device); the rest
- * is selection over those numbers, done here per image.
+ * Masks are small uint8 tables [N, L]: 1 = removed, 0 = visible, patches numbered row-major on an
+ * h x w grid. Their randomness is a draw from a generator's Philox stream (the public ts_randint_/
+ * ts_uniform_, whose definitions in tessera.h hold on every device); the rest is selection over
+ * those numbers. Generated masks are made on the device asked for, from device-generic ops (a
+ * stable sort and a scatter pick each row's smallest keys) and the backend's group_mask kernel, so
+ * one generator state gives the same bytes on the CPU and on a GPU. Secondary masking and
+ * compaction read their primary mask on the host, where it is checked.
  *
  * ts_uniform_compact gathers, for every 2x2 group of patches, the single visible patch's block of
  * tokens into a half-side map (the official code's all-ones dilated depthwise convolution sums one
@@ -19,10 +22,10 @@
 /* Allocation sizes: malloc(0) may return NULL, which would read as out of memory. */
 static size_t at_least_one(int64_t count) { return count > 0 ? (size_t)count : 1; }
 
-/* Every mask here is one byte per patch on the CPU. */
-static ts_tensor *new_mask_tensor(int64_t n, int64_t l, double fill) {
+/* Every mask here is one byte per patch. */
+static ts_tensor *new_mask_tensor(int64_t n, int64_t l, double fill, ts_device dev) {
   int64_t shape[2] = {n, l};
-  return ts_full(2, shape, fill, TS_U8, ts_cpu());
+  return ts_full(2, shape, fill, TS_U8, dev);
 }
 
 static uint8_t *bytes_of(ts_tensor *t) { return (uint8_t *)ts_data_ptr(t); }
@@ -38,10 +41,10 @@ static int check_ratio(const char *op, double ratio) {
 }
 
 /* ---- drawing --------------------------------------------------------------------------------- */
-/* An int64 [rows, cols] draw of randint over [0, range) from g (range 2^32: the raw lanes). */
-static ts_tensor *draw_integers(int64_t rows, int64_t cols, int64_t range, ts_generator *g) {
+/* An int64 [rows, cols] draw of randint over [0, range) from g on dev (range 2^32: the raw lanes). */
+static ts_tensor *draw_integers(int64_t rows, int64_t cols, int64_t range, ts_generator *g, ts_device dev) {
   int64_t shape[2] = {rows, cols};
-  ts_tensor *t = ts_empty(2, shape, TS_I64, ts_cpu());
+  ts_tensor *t = ts_empty(2, shape, TS_I64, dev);
   if (t && ts_randint_(t, 0, range, g)) {
     ts_release(t);
     return NULL;
@@ -60,44 +63,23 @@ static int by_key_then_index(const void *pa, const void *pb) {
   return (a->index > b->index) - (a->index < b->index);
 }
 
-/* Row r of out [rows, cols] gets `chosen` at the `count` entries with the smallest keys (ties:
-   the lower index first, as a stable sort) and 1 - chosen elsewhere. keys: [rows, cols] doubles. */
-typedef struct {
-  const double *keys;
-  uint8_t *out;
-  int64_t cols, count;
-  uint8_t chosen;
-  int failed;
-} select_ctx;
-
-static void select_rows(int64_t begin, int64_t end, void *arg) {
-  select_ctx *c = arg;
-  keyed *order = malloc(at_least_one(c->cols) * sizeof *order);
-  if (!order) {
-    __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
-    return;
-  }
-  for (int64_t r = begin; r < end; r++) {
-    const double *k = c->keys + r * c->cols;
-    uint8_t *o = c->out + r * c->cols;
-    for (int64_t j = 0; j < c->cols; j++) order[j] = (keyed){k[j], j};
-    qsort(order, (size_t)c->cols, sizeof *order, by_key_then_index);
-    memset(o, 1 - c->chosen, (size_t)c->cols);
-    for (int64_t j = 0; j < c->count; j++) o[order[j].index] = c->chosen;
-  }
-  free(order);
-}
-
-static ts_tensor *select_smallest(const char *op, const double *keys, int64_t rows, int64_t cols, int64_t count,
-                                  uint8_t chosen) {
-  ts_tensor *out = new_mask_tensor(rows, cols, 0);
-  if (!out) return NULL;
-  select_ctx c = {keys, bytes_of(out), cols, count, chosen, 0};
-  ts_parallel_for(rows, cols > 0 ? 1 + 4096 / cols : 4096, select_rows, &c);
-  if (c.failed) {
+/* uint8 [rows, cols] on keys' device: `chosen` at the `count` smallest keys of each row (ties: the
+   lower index first, as a stable sort orders them) and 1 - chosen elsewhere. keys: real [rows, cols]. */
+static ts_tensor *select_smallest(ts_tensor *keys, int64_t count, uint8_t chosen) {
+  int64_t rows = keys->shape[0], cols = keys->shape[1], marked[2] = {rows, count};
+  ts_tensor *sorted = NULL, *order = NULL;
+  if (ts_sort(keys, 1, 0, 1, &sorted, &order)) return NULL;
+  ts_release(sorted);
+  ts_scope s = {0};
+  ts_tensor *first = ts_scope_keep(&s, ts_narrow(order, 1, 0, count));
+  ts_tensor *marks = s.failed ? NULL : ts_scope_keep(&s, ts_full(2, marked, chosen, TS_U8, keys->device));
+  ts_tensor *out = s.failed ? NULL : new_mask_tensor(rows, cols, 1 - chosen, keys->device);
+  if (out && ts_scatter_(out, 1, first, marks, TS_SCATTER_REPLACE)) {
     ts_release(out);
-    return TS_FAIL_NULL(TS_ERR_MEMORY, "%s: out of host memory sorting %lld keys per image", op, (long long)cols);
+    out = NULL;
   }
+  ts_release(order);
+  ts_scope_close(&s);
   return out;
 }
 
@@ -120,10 +102,8 @@ static double *host_doubles(const char *op, ts_tensor *t) {
 }
 
 /* ---- random sampling (MAE) ------------------------------------------------------------------- */
-static ts_tensor *random_from_keys(const char *op, const double *keys, int64_t n, int64_t l, double ratio) {
-  int64_t keep = (int64_t)((double)l * (1.0 - ratio)); /* Python's int(L * (1 - ratio)) */
-  return select_smallest(op, keys, n, l, keep, 0);
-}
+/* Python's int(L * (1 - ratio)) */
+static int64_t random_keep(int64_t l, double ratio) { return (int64_t)((double)l * (1.0 - ratio)); }
 
 ts_tensor *ts_mask_from_noise(ts_tensor *noise, double ratio) {
   const char *op = "mask_from_noise";
@@ -144,96 +124,62 @@ ts_tensor *ts_mask_from_noise(ts_tensor *noise, double ratio) {
       ts_set_error(TS_ERR_ARG, "%s: noise %s holds NaN (image %lld, patch %lld)", op, ts_tshape(noise),
                    (long long)(bad / l), (long long)(bad % l));
     else
-      out = random_from_keys(op, keys, n, l, ratio);
+      out = select_smallest(noise, random_keep(l, ratio), 0);
   }
   free(keys);
   ts_set_grad_enabled(previous);
   return out;
 }
 
-static ts_tensor *random_mask(int64_t n, int64_t h, int64_t w, double ratio, ts_generator *g) {
-  const char *op = "mask_generate(random)";
-  if (check_ratio(op, ratio)) return NULL;
-  ts_tensor *lanes = draw_integers(n, h * w, LANE_RANGE, g);
-  if (!lanes) return NULL;
-  double *keys = host_doubles(op, lanes);
+static ts_tensor *random_mask(int64_t n, int64_t h, int64_t w, double ratio, ts_generator *g, ts_device dev) {
+  if (check_ratio("mask_generate(random)", ratio)) return NULL;
+  ts_tensor *lanes = draw_integers(n, h * w, LANE_RANGE, g, dev);
+  ts_tensor *out = lanes ? select_smallest(lanes, random_keep(h * w, ratio), 0) : NULL;
   ts_release(lanes);
-  ts_tensor *out = keys ? random_from_keys(op, keys, n, h * w, ratio) : NULL;
-  free(keys);
   return out;
 }
 
 /* ---- grid-wise and uniform sampling: one kept position per 2x2 group ------------------------- */
-/* pos: per image (per_group = 0) or per group (per_group = 1) a value v in [0, 4); the group keeps
-   its patch (2gy + v/2, 2gx + v%2). */
-static ts_tensor *mask_from_positions(const int64_t *pos, int64_t n, int64_t h, int64_t w, int per_group) {
-  ts_tensor *out = new_mask_tensor(n, h * w, 1);
-  if (!out) return NULL;
-  uint8_t *m = bytes_of(out);
-  int64_t gh = h / 2, gw = w / 2;
-  for (int64_t i = 0; i < n; i++)
-    for (int64_t gy = 0; gy < gh; gy++)
-      for (int64_t gx = 0; gx < gw; gx++) {
-        int64_t v = per_group ? pos[(i * gh + gy) * gw + gx] : pos[i];
-        m[i * h * w + (2 * gy + v / 2) * w + 2 * gx + v % 2] = 0;
-      }
-  return out;
-}
-
-/* Uniform sampling as the official generator does it: each image's groups take their kept positions
-   without replacement from a pool holding `per_position` of each of the four (the official code
-   shuffles such a pool and keeps its first G entries), so every image keeps nearly as many patches
-   at each position. Group g takes the r-th entry still in the pool (entries ordered by position),
-   r = floor(lane * remaining / 2^32) from its raw 32-bit lane; lanes becomes the positions. */
-static void draw_from_pool(int64_t *lanes, int64_t n, int64_t groups, int64_t per_position) {
-  for (int64_t i = 0; i < n; i++) {
-    int64_t left[4] = {per_position, per_position, per_position, per_position}, remaining = 4 * per_position;
-    for (int64_t k = 0; k < groups; k++, remaining--) {
-      int64_t *v = &lanes[i * groups + k];
-      int64_t r = (int64_t)(((uint64_t)*v * (uint64_t)remaining) >> 32), p = 0;
-      while (r >= left[p]) r -= left[p++];
-      left[p]--;
-      *v = p;
-    }
-  }
-}
-
-static ts_tensor *group_mask(int kind, int64_t n, int64_t h, int64_t w, double ratio, ts_generator *g) {
+static ts_tensor *group_mask(int kind, int64_t n, int64_t h, int64_t w, double ratio, ts_generator *g, ts_device dev) {
   const char *op = kind == TS_MASK_GRID ? "mask_generate(grid)" : "mask_generate(uniform)";
   if (ratio != 0.75)
     return TS_FAIL_NULL(TS_ERR_ARG, "%s: keeps one patch of every 2x2 group, so its ratio is 0.75; got %g", op, ratio);
   if (h % 2 || w % 2)
     return TS_FAIL_NULL(TS_ERR_SHAPE, "%s: the %lld x %lld patch grid must have even sides to split into 2x2 groups",
                         op, (long long)h, (long long)w);
+  const ts_backend *be = ts_backend_for(dev);
+  if (!be || TS_BACKEND_FN(be, group_mask, op, dev)) return NULL;
   int per_group = kind == TS_MASK_UNIFORM;
   /* the official pool: four candidates at a time until it holds at least two per group */
-  int64_t groups = (h / 2) * (w / 2), per_position = h * w / 8 + (h * w % 8 != 0);
-  if (per_group && 4 * per_position > (int64_t)UINT32_MAX)
+  int64_t groups = (h / 2) * (w / 2), per_position = per_group ? h * w / 8 + (h * w % 8 != 0) : 0;
+  if (4 * per_position > (int64_t)UINT32_MAX)
     return TS_FAIL_NULL(TS_ERR_SHAPE, "%s: a %lld x %lld grid is too large", op, (long long)h, (long long)w);
-  ts_tensor *draw = per_group ? draw_integers(n, groups, LANE_RANGE, g) : draw_integers(n, 1, 4, g);
-  if (!draw) return NULL;
-  if (per_group) draw_from_pool(ts_data_ptr(draw), n, groups, per_position);
-  ts_tensor *out = mask_from_positions(ts_data_ptr(draw), n, h, w, per_group);
+  ts_tensor *draw = per_group ? draw_integers(n, groups, LANE_RANGE, g, dev) : draw_integers(n, 1, 4, g, dev);
+  int64_t shape[2] = {n, h * w};
+  ts_tensor *out = draw ? ts_empty(2, shape, TS_U8, dev) : NULL;
+  if (out && be->group_mask(out, draw, h, w, per_position)) {
+    ts_release(out);
+    out = NULL;
+  }
   ts_release(draw);
   return out;
 }
 
-ts_tensor *ts_mask_generate(int kind, int64_t n, int64_t h, int64_t w, double ratio, ts_generator *g) {
+ts_tensor *ts_mask_generate(int kind, int64_t n, int64_t h, int64_t w, double ratio, ts_generator *g, ts_device dev) {
   const char *op = "mask_generate";
   if (check_count(op, "n", n) || check_count(op, "h", h) || check_count(op, "w", w)) return NULL;
   if (h && w > INT64_MAX / h) return TS_FAIL_NULL(TS_ERR_SHAPE, "%s: a %lld x %lld grid is too large", op, (long long)h, (long long)w);
   int previous = ts_set_grad_enabled(0);
   ts_tensor *out = NULL;
   switch (kind) {
-  case TS_MASK_RANDOM: out = random_mask(n, h, w, ratio, g); break;
+  case TS_MASK_RANDOM: out = random_mask(n, h, w, ratio, g, dev); break;
   case TS_MASK_GRID:
-  case TS_MASK_UNIFORM: out = group_mask(kind, n, h, w, ratio, g); break;
+  case TS_MASK_UNIFORM: out = group_mask(kind, n, h, w, ratio, g, dev); break;
   default: ts_set_error(TS_ERR_ARG, "%s: unknown mask kind %d (TS_MASK_RANDOM, TS_MASK_GRID, TS_MASK_UNIFORM)", op, kind);
   }
   ts_set_grad_enabled(previous);
   return out;
 }
-
 /* ---- SimMIM ---------------------------------------------------------------------------------- */
 static int check_simmim(int64_t n, int64_t input_size, int64_t mask_patch, int64_t model_patch, double ratio) {
   const char *op = "mask_simmim";
@@ -253,29 +199,22 @@ static int check_simmim(int64_t n, int64_t input_size, int64_t mask_patch, int64
 }
 
 ts_tensor *ts_mask_simmim(int64_t n, int64_t input_size, int64_t mask_patch_size, int64_t model_patch_size, double ratio,
-                          ts_generator *g) {
-  const char *op = "mask_simmim";
+                          ts_generator *g, ts_device dev) {
   if (check_simmim(n, input_size, mask_patch_size, model_patch_size, ratio)) return NULL;
-  int64_t rand_size = input_size / mask_patch_size, scale = mask_patch_size / model_patch_size;
+  int64_t rand_size = input_size / mask_patch_size, scale = mask_patch_size / model_patch_size, side = rand_size * scale;
   int64_t count = rand_size * rand_size, masked = (int64_t)ceil((double)count * ratio); /* np.ceil */
+  int64_t blocks[5] = {n, rand_size, 1, rand_size, 1}, spread[5] = {n, rand_size, scale, rand_size, scale};
+  int64_t flat[2] = {n, side * side};
   int previous = ts_set_grad_enabled(0);
-  ts_tensor *lanes = draw_integers(n, count, LANE_RANGE, g), *coarse = NULL, *out = NULL;
-  double *keys = lanes ? host_doubles(op, lanes) : NULL;
+  ts_scope s = {0};
+  ts_tensor *lanes = ts_scope_keep(&s, draw_integers(n, count, LANE_RANGE, g, dev));
   /* the first `masked` entries of a random permutation: the smallest keys, as randperm orders them */
-  if (keys) coarse = select_smallest(op, keys, n, count, masked, 1);
-  int64_t side = rand_size * scale;
-  if (coarse) out = new_mask_tensor(n, side * side, 0);
-  if (out) {
-    const uint8_t *c = bytes_of(coarse);
-    uint8_t *m = bytes_of(out);
-    for (int64_t i = 0; i < n; i++)
-      for (int64_t y = 0; y < side; y++)
-        for (int64_t x = 0; x < side; x++)
-          m[(i * side + y) * side + x] = c[(i * rand_size + y / scale) * rand_size + x / scale];
-  }
-  free(keys);
-  ts_release(lanes);
-  ts_release(coarse);
+  ts_tensor *coarse = s.failed ? NULL : ts_scope_keep(&s, select_smallest(lanes, masked, 1));
+  /* each mask patch covers scale x scale model patches */
+  ts_tensor *view = s.failed ? NULL : ts_scope_keep(&s, ts_view(coarse, 5, blocks));
+  ts_tensor *wide = s.failed ? NULL : ts_scope_keep(&s, ts_expand(view, 5, spread));
+  ts_tensor *out = s.failed ? NULL : ts_reshape(wide, 2, flat);
+  ts_scope_close(&s);
   ts_set_grad_enabled(previous);
   return out;
 }
@@ -353,8 +292,11 @@ static ts_tensor *secondary_swin(const char *op, const uint8_t *m, const double 
   double *keys = malloc(at_least_one(n * l) * sizeof(double));
   if (!keys) return TS_FAIL_NULL(TS_ERR_MEMORY, "%s: out of host memory", op);
   for (int64_t i = 0; i < n * l; i++) keys[i] = m[i] + noise[i];
-  ts_tensor *out = select_smallest(op, keys, n, l, keep, 0);
+  int64_t shape[2] = {n, l};
+  ts_tensor *keys_t = ts_from_host(2, shape, TS_F64, keys, ts_cpu());
   free(keys);
+  ts_tensor *out = keys_t ? select_smallest(keys_t, keep, 0) : NULL;
+  ts_release(keys_t);
   return out;
 }
 
@@ -362,7 +304,7 @@ static ts_tensor *secondary_swin(const char *op, const uint8_t *m, const double 
    (the official gather of [0]*K + [1]*(V-K) at ids = argsort(noise)). */
 static ts_tensor *secondary_vit(const char *op, const uint8_t *m, const double *noise, int64_t n, int64_t l, int64_t v,
                                 int64_t keep) {
-  ts_tensor *out = new_mask_tensor(n, l, 1);
+  ts_tensor *out = new_mask_tensor(n, l, 1, ts_cpu());
   keyed *order = out ? malloc(at_least_one(v) * sizeof *order) : NULL;
   if (out && !order) ts_set_error(TS_ERR_MEMORY, "%s: out of host memory", op);
   if (!order) {
@@ -383,7 +325,7 @@ static ts_tensor *secondary_vit(const char *op, const uint8_t *m, const double *
 
 /* vis_mask [N, V]: new_mask at the visible patches of the primary mask, in raster order. */
 static ts_tensor *visible_part(const uint8_t *m, ts_tensor *new_mask, int64_t n, int64_t l, int64_t v) {
-  ts_tensor *out = new_mask_tensor(n, v, 0);
+  ts_tensor *out = new_mask_tensor(n, v, 0, ts_cpu());
   if (!out) return NULL;
   const uint8_t *nm = bytes_of(new_mask);
   uint8_t *o = bytes_of(out);
@@ -393,6 +335,17 @@ static ts_tensor *visible_part(const uint8_t *m, ts_tensor *new_mask, int64_t n,
   return out;
 }
 
+/* Replaces *t (made on the host) by its copy on dev; on failure *t stays and an error is set. */
+static int move_to_device(ts_tensor **t, ts_device dev) {
+  if (dev.type == TS_CPU) return TS_OK;
+  ts_tensor *moved = ts_to_device(*t, dev);
+  if (!moved) return ts_last_status();
+  ts_release(*t);
+  *t = moved;
+  return TS_OK;
+}
+
+/* Computed on the host, where the primary mask is read and checked; the results go to its device. */
 int ts_mask_secondary(ts_tensor *mask, ts_tensor *noise, double ratio, int formula, ts_generator *g,
                       ts_tensor **new_mask, ts_tensor **vis_mask) {
   const char *op = formula == TS_SECONDARY_VIT ? "mask_secondary(vit)" : "mask_secondary(swin)";
@@ -419,6 +372,14 @@ int ts_mask_secondary(ts_tensor *mask, ts_tensor *noise, double ratio, int formu
   }
   free(m);
   free(z);
+  if (*new_mask && (move_to_device(new_mask, mask->device) || (vis_mask && move_to_device(vis_mask, mask->device)))) {
+    ts_release(*new_mask);
+    *new_mask = NULL;
+    if (vis_mask) {
+      ts_release(*vis_mask);
+      *vis_mask = NULL;
+    }
+  }
   ts_set_grad_enabled(previous);
   return *new_mask ? TS_OK : ts_last_status();
 }
@@ -430,7 +391,7 @@ static int check_compact(const char *op, const ts_tensor *x, const ts_tensor *ma
     return ts_set_error(TS_ERR_SHAPE, "%s: x must be a channels-last token grid [N, H, W, C], got %s", op, ts_tshape(x));
   if (ts_dtype_is_floating(mask->dtype))
     return ts_set_error(TS_ERR_DTYPE, "%s: mask must be uint8 or bool (1 = removed), got %s", op, ts_dtype_name(mask->dtype));
-  /* masks are made on the host: a CPU mask serves x on any device (it is read on the host anyway) */
+  /* the mask is read on the host anyway, so a CPU mask serves x on any device */
   if (mask->device.type != TS_CPU && ts_same_device(op, x, mask)) return ts_last_status();
   if (p < 1) return ts_set_error(TS_ERR_ARG, "%s: patch_tokens must be positive, got %lld", op, (long long)p);
   int64_t h = x->shape[1], w = x->shape[2];

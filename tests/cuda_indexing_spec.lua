@@ -2,8 +2,8 @@
 -- index_select, gather, scatter (replace: the last write in row-major order wins; add: the CPU's
 -- sums bit for bit), masked_fill, masked_select, nonzero, advanced indexing and index_put (with
 -- duplicate indices, broadcast values, bool masks, accumulate), sort/argsort/topk (NaN largest,
--- stable ties, -0.0 == 0.0), uniform_compact with masks made on the host, and their gradients.
--- Pending without a GPU.
+-- stable ties, -0.0 == 0.0), the mask generators (the same bytes from the same generator state),
+-- uniform_compact with masks made on either device, and their gradients. Pending without a GPU.
 local T = require 'tessera'
 local S = require 'support'
 local CS = require 'cuda_support'
@@ -244,10 +244,89 @@ describe('cuda sorting matches the cpu', function()
   end)
 end)
 
+-- Leaves a freed block of `bytes` filled with 77 in the allocator's cache, where the next request
+-- of its size is likely to land: a mask byte the kernels skip then shows.
+local function dirty_cache(bytes)
+  if bytes > 0 then CS.poison(T.empty({ bytes }, { dtype = 'uint8', device = 'cuda' })):free() end
+end
+
+-- Makes a mask on both devices from the same generator state: make(generator, device) returns a
+-- tensor. Checks bytes and the generators' advance.
+local function check_masks(case, bytes, make)
+  local states = { { seed = 0, offset = 0 }, { seed = 91, offset = 5 }, { seed = 123456789, offset = 1000003 } }
+  for _, state in ipairs(states) do
+    local gc, gg = T.Generator(0):set_state(state), T.Generator(0):set_state(state)
+    local want = make(gc, 'cpu')
+    dirty_cache(bytes)
+    CS.check(case, make(gg, 'cuda'), want, { exact = true, column = 'uint8' })
+    assert.equals(tostring(gc:get_state().offset), tostring(gg:get_state().offset), case .. ': generator offset')
+  end
+end
+
+describe('cuda mask generators match the cpu', function()
+  teardown(function() CS.report('mask generation') end)
+
+  -- 66000 images of one group run past the kernel's block limit (65535), so blocks loop
+  local GRIDS = { { 1, 2, 2 }, { 3, 4, 6 }, { 5, 14, 14 }, { 128, 16, 16 }, { 2, 32, 32 }, { 0, 4, 4 }, { 66000, 2, 2 } }
+
+  CS.it('uniform and grid-wise sampling give the same bytes', function()
+    for _, grid in ipairs(GRIDS) do
+      local n, h, w = unpack(grid)
+      for _, strategy in ipairs { 'uniform', 'grid' } do
+        check_masks('mask ' .. strategy, n * h * w, function(g, device)
+          return T.masks[strategy](n, h, w, { generator = g, device = device }).mask
+        end)
+      end
+    end
+  end)
+
+  CS.it('random sampling gives the same bytes at every ratio, and from the same noise', function()
+    for _, grid in ipairs(GRIDS) do
+      local n, h, w = unpack(grid)
+      for _, ratio in ipairs { 0, 0.3, 0.75, 1 } do
+        check_masks('mask random', n * h * w, function(g, device)
+          return T.masks.random(n, h, w, { ratio = ratio, generator = g, device = device }).mask
+        end)
+      end
+    end
+    for _, dtype in ipairs(CS.NUMERIC) do -- coarse noise has ties: the lower index stays first
+      local noise = CS.rand(dtype, 2000, { 6, 20 }, 0, 3)
+      if noise:is_floating_point() then noise = noise:floor() end
+      CS.check('mask random (noise)', T.masks.random(6, 4, 5, { noise = noise:cuda(), ratio = 0.4 }).mask,
+        T.masks.random(6, 4, 5, { noise = noise, ratio = 0.4 }).mask, { exact = true, column = dtype })
+    end
+  end)
+
+  CS.it("SimMIM's block masks give the same bytes", function()
+    for _, cfg in ipairs { { 192, 32, 4, 0.6 }, { 224, 32, 16, 0.75 }, { 96, 32, 8, 0 }, { 64, 16, 16, 1 } } do
+      local input, mask_patch, model_patch, ratio = unpack(cfg)
+      for _, n in ipairs { 0, 1, 33 } do
+        check_masks('mask simmim', n * (input / model_patch) ^ 2, function(g, device)
+          return T.masks.simmim(n, { input_size = input, mask_patch_size = mask_patch, model_patch_size = model_patch,
+            ratio = ratio, generator = g, device = device }).mask
+        end)
+      end
+    end
+  end)
+
+  CS.it('secondary masking of a GPU mask gives the same new_mask and vis_mask, on the GPU', function()
+    for _, formula in ipairs { 'swin', 'vit' } do
+      for _, grid in ipairs { { 3, 4, 6 }, { 16, 16, 16 } } do
+        local n, h, w = unpack(grid)
+        for _, field in ipairs { 'new_mask', 'vis_mask' } do
+          check_masks('mask secondary (' .. formula .. ')', 0, function(g, device)
+            return T.masks.uniform_masking(n, h, w, { formula = formula, generator = g, device = device })[field]
+          end)
+        end
+      end
+    end
+  end)
+end)
+
 describe('cuda uniform_compact matches the cpu', function()
   teardown(function() CS.report('uniform compaction') end)
 
-  CS.it('forward and backward with masks made on the host and moved to the device', function()
+  CS.it('forward and backward with masks made on the host and moved to the device, or made there', function()
     for di, dtype in ipairs { 'float32', 'float64', 'float16', 'bfloat16', 'int64', 'uint8' } do
       for _, case in ipairs { { 2, 8, 8, 3, 2 }, { 3, 16, 16, 96, 2 }, { 1, 12, 12, 5, 3 }, { 2, 8, 8, 4, 1 } } do
         local n, h, w, ch, p = unpack(case)
@@ -255,7 +334,10 @@ describe('cuda uniform_compact matches the cpu', function()
         assert.equals('cpu', m.mask.device) -- masks are made on the host
         local mg = m.mask:cuda()
         local x = CS.base(dtype, 1800 + di, { n, h, w, ch })
-        CS.check('uniform_compact', T.uniform_compact(x:cuda(), mg, p), T.uniform_compact(x, m.mask, p), { exact = true })
+        local want = T.uniform_compact(x, m.mask, p)
+        CS.check('uniform_compact', T.uniform_compact(x:cuda(), mg, p), want, { exact = true })
+        local made = T.masks.uniform(n, h / p, w / p, { generator = T.Generator(di), device = 'cuda' }).mask
+        CS.check('uniform_compact', T.uniform_compact(x:cuda(), made, p), want, { exact = true })
         if dtype == 'float32' or dtype == 'float64' then
           CS.check_grad('uniform_compact backward', function(t, mask) return T.uniform_compact(t, mask, p) end,
             { x, m.mask }, { exact = true, fixed = { [2] = true } })

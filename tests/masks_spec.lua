@@ -191,7 +191,8 @@ describe('masks.uniform (US)', function()
     S.assert_error(function() T.masks.uniform(2, 8, 8, { ratio = 0.5 }) end, 'ratio is 0.75', '0.5')
     S.assert_error(function() T.masks.uniform(-1, 8, 8) end, 'masks.uniform', 'n must be a non-negative integer')
     S.assert_error(function() T.masks.uniform(2, 8, 8, { generator = 3 }) end, 'generator must be a T.Generator')
-    S.assert_error(function() C.ts_mask_generate(9, 1, 2, 2, 0.75, nil); core.raise() end, 'unknown mask kind 9')
+    S.assert_error(function() C.ts_mask_generate(9, 1, 2, 2, 0.75, nil, core.device('cpu')); core.raise() end,
+      'unknown mask kind 9')
   end)
 end)
 
@@ -474,6 +475,37 @@ describe('secondary masking', function()
 end)
 
 -- ---- drawing ---------------------------------------------------------------------------------------
+describe('mask devices', function()
+  it("makes masks on opts.device ('cpu' is the default), secondary masks on their primary's device", function()
+    local function bytes(t) return table.concat(values(t), ',') end
+    for _, make in ipairs {
+      function(opts) return T.masks.uniform(3, 4, 6, opts).mask end,
+      function(opts) return T.masks.grid(3, 4, 6, opts).mask end,
+      function(opts) return T.masks.random(3, 4, 6, opts).mask end,
+      function(opts) return T.masks.simmim(3, opts).mask end,
+      function(opts) return T.masks.uniform_masking(3, 4, 6, opts).new_mask end,
+    } do
+      local default, placed = make { generator = gen(5) }, make { generator = gen(5), device = 'cpu' }
+      assert.equals('cpu', placed.device)
+      assert.equals(bytes(default), bytes(placed))
+    end
+  end)
+
+  it('names the device it cannot use, and refuses noise with a device', function()
+    S.assert_error(function() T.masks.uniform(2, 4, 4, { device = 'gpu' }) end, 'masks.uniform', 'unknown device gpu')
+    S.assert_error(function() T.masks.simmim(2, { device = 7 }) end, 'masks.simmim', 'unknown device')
+    S.assert_error(function() T.masks.random(1, 2, 2, { noise = T.zeros(1, 4), device = 'cpu' }) end, 'masks.random',
+      "give noise or device, not both")
+    if not T.cuda.is_available() then
+      for _, make in ipairs { T.masks.uniform, T.masks.grid, T.masks.random } do
+        local ok, err = pcall(make, 2, 4, 4, { device = 'cuda' })
+        assert.is_false(ok)
+        assert.truthy(tostring(err):find('cuda', 1, true), err)
+      end
+    end
+  end)
+end)
+
 describe('tostring(mask)', function()
   it('draws the reference masks of ummae_swin_tiny as its README does', function()
     local ref = load_ref('ummae_swin_tiny')

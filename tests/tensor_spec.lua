@@ -431,7 +431,7 @@ describe('memory and lifetime', function()
   it('an allocation that succeeds keeps the error a failed call left', function()
     local core = require 'tessera.core'
     local lib, ffi = core.lib, core.ffi
-    assert(lib.ts_mask_generate(9, 1, 2, 2, 0.75, nil) == nil) -- leaves TS_ERR_ARG set
+    assert(lib.ts_mask_generate(9, 1, 2, 2, 0.75, nil, core.device('cpu')) == nil) -- leaves TS_ERR_ARG set
     local t = lib.ts_empty(1, ffi.new('int64_t[1]', 16), lib.TS_F32, ffi.new('ts_device', { lib.TS_CPU, 0 }))
     assert(t ~= nil)
     lib.ts_release(t)

@@ -48,6 +48,7 @@ const ts_backend ts_cpu_backend = {
     .random = cpu_random,
     .uniform_compact = cpu_uniform_compact,
     .uniform_compact_backward = cpu_uniform_compact_backward,
+    .group_mask = cpu_group_mask,
     /* linear layers, normalization, softmax, dropout, losses */
     .linear = cpu_linear,
     .linear_backward = cpu_linear_backward,

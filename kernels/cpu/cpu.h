@@ -70,6 +70,7 @@ int cpu_random(ts_tensor *out, int kind, double a, double b, uint64_t seed, uint
 /* masks.c */
 int cpu_uniform_compact(ts_tensor *out, const ts_tensor *x, const ts_tensor *kept, int64_t patch_tokens);
 int cpu_uniform_compact_backward(ts_tensor *gx, const ts_tensor *g, const ts_tensor *kept, int64_t patch_tokens);
+int cpu_group_mask(ts_tensor *out, const ts_tensor *draw, int64_t h, int64_t w, int64_t per_position);
 
 /* linear layers, normalization, softmax, dropout, losses */
 /* nn.c */

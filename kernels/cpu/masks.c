@@ -1,4 +1,9 @@
-/* masks.c — UM-MAE's compaction of a uniformly masked token grid, as a direct gather.
+/* masks.c — grid-wise and uniform masks, and UM-MAE's compaction of a uniformly masked token grid
+ * as a direct gather.
+ *
+ * A group mask is written image by image: all removed, then one kept patch per 2x2 group, its
+ * position fixed per image (grid-wise) or drawn from the image's pool (uniform), a walk that is
+ * sequential within an image. Images are split across the thread pool.
  *
  * Tokens are channels last, so a patch row of p tokens is one run of p*C contiguous elements:
  * both directions copy runs with memcpy, whatever the dtype (nothing is converted or summed). The
@@ -6,6 +11,42 @@
 #include "cpu.h"
 
 #include <string.h>
+
+typedef struct {
+  uint8_t *out;
+  const int64_t *draw;
+  int64_t h, w, per_position;
+} group_mask_ctx;
+
+/* The position a raw lane takes from a pool holding left[v] entries of each position v (ordered by
+   position, `remaining` in all): the entry floor(lane * remaining / 2^32), which leaves the pool. */
+static int64_t take_from_pool(int64_t left[4], int64_t remaining, int64_t lane) {
+  int64_t r = (int64_t)(((uint64_t)lane * (uint64_t)remaining) >> 32), v = 0;
+  for (; r >= left[v]; v++) r -= left[v];
+  left[v]--;
+  return v;
+}
+
+static void group_mask_images(int64_t begin, int64_t end, void *arg) {
+  const group_mask_ctx *k = arg;
+  int64_t gw = k->w / 2, groups = (k->h / 2) * gw, per = k->per_position;
+  for (int64_t i = begin; i < end; i++) {
+    uint8_t *m = k->out + i * k->h * k->w;
+    memset(m, 1, (size_t)(k->h * k->w));
+    int64_t left[4] = {per, per, per, per};
+    for (int64_t g = 0; g < groups; g++) {
+      int64_t v = per ? take_from_pool(left, 4 * per - g, k->draw[i * groups + g]) : k->draw[i];
+      m[(2 * (g / gw) + v / 2) * k->w + 2 * (g % gw) + v % 2] = 0;
+    }
+  }
+}
+
+int cpu_group_mask(ts_tensor *out, const ts_tensor *draw, int64_t h, int64_t w, int64_t per_position) {
+  group_mask_ctx k = {(uint8_t *)ts_elem_ptr(out), (const int64_t *)ts_elem_ptr(draw), h, w, per_position};
+  int64_t cells = h * w > 0 ? h * w : 1;
+  ts_parallel_for(out->shape[0], CPU_PARALLEL_GRAIN / cells + 1, group_mask_images, &k);
+  return TS_OK;
+}
 
 typedef struct {
   char *dst;

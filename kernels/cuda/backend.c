@@ -36,6 +36,7 @@ const ts_backend ts_cuda_backend = {
     .random = cuda_random,
     .uniform_compact = cuda_uniform_compact,
     .uniform_compact_backward = cuda_uniform_compact_backward,
+    .group_mask = cuda_group_mask,
     .linear = cuda_linear,
     .linear_backward = cuda_linear_backward,
     .layer_norm = cuda_layer_norm,

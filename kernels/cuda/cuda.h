@@ -74,9 +74,10 @@ int cuda_sort_pairs_u64(const uint64_t *keys_in, uint64_t *keys_out, const uint6
 /* random.cu — the CPU's Philox stream, element for element. */
 int cuda_random(ts_tensor *out, int kind, double a, double b, uint64_t seed, uint64_t offset);
 
-/* masks.cu — UM-MAE compaction (the masks themselves are made on the host). */
+/* masks.cu — UM-MAE compaction and the grid-wise and uniform mask kernel. */
 int cuda_uniform_compact(ts_tensor *out, const ts_tensor *x, const ts_tensor *kept, int64_t patch_tokens);
 int cuda_uniform_compact_backward(ts_tensor *gx, const ts_tensor *g, const ts_tensor *kept, int64_t patch_tokens);
+int cuda_group_mask(ts_tensor *out, const ts_tensor *draw, int64_t h, int64_t w, int64_t per_position);
 
 /* linalg.cu — products through cuBLASLt (float32: TF32 only when ts_cuda_set_allow_tf32 allows;
    float16/bfloat16 accumulate in float32) and cuBLAS (float64); plans cached per shape. */

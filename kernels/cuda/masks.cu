@@ -1,8 +1,13 @@
-// masks.cu — UM-MAE's compaction of a uniformly masked token grid on CUDA devices, as a direct
-// gather (forward) and the scatter of its gradient with zeros elsewhere (backward), the same
-// element moves as kernels/cpu/masks.c. The masks themselves are made on the host
-// (runtime/masks.c): the runtime reads the mask, checks it and hands over the table of kept
-// patches on x's device.
+// masks.cu — grid-wise and uniform masks, and UM-MAE's compaction of a uniformly masked token grid
+// on CUDA devices, the same bytes and element moves as kernels/cpu/masks.c.
+//
+// A group mask takes one block per image: the block marks every patch removed, then the kept ones.
+// Grid-wise groups are independent and go in parallel; a uniform image's pool walk is sequential,
+// so its thread 0 draws every group (64 steps for a 256-px UM-MAE image).
+//
+// Compaction is a direct gather (forward) and the scatter of its gradient with zeros elsewhere
+// (backward). The runtime reads the mask, checks it and hands over the table of kept patches on
+// x's device.
 //
 // Tokens are channels last, so a patch row of p tokens is one run of p*C contiguous elements in
 // x, out, g and gx alike. Runs move in units of up to 16 bytes (the widest access that divides a
@@ -10,6 +15,49 @@
 #include "loop.cuh"
 
 namespace {
+// ---- group masks -------------------------------------------------------------------------------
+struct group_geom {
+  int64_t n, h, w, per_position;  // images, patch grid, pool entries per position (0: grid-wise)
+};
+
+// Position v of group g (row-major on the group grid) as a patch index.
+__device__ int64_t kept_patch(const group_geom &k, int64_t g, int64_t v) {
+  int64_t gw = k.w / 2;
+  return (2 * (g / gw) + v / 2) * k.w + 2 * (g % gw) + v % 2;
+}
+
+// The position a raw lane takes from a pool holding left[v] entries of each position v (ordered by
+// position, `remaining` in all): the entry floor(lane * remaining / 2^32), which leaves the pool.
+__device__ int64_t take_from_pool(int64_t left[4], int64_t remaining, int64_t lane) {
+  int64_t r = (int64_t)(((uint64_t)lane * (uint64_t)remaining) >> 32), v = 0;
+  for (; r >= left[v]; v++) r -= left[v];
+  left[v]--;
+  return v;
+}
+
+__global__ void group_mask_kernel(group_geom k, const int64_t *draw, uint8_t *out) {
+  int64_t cells = k.h * k.w, groups = cells / 4, per = k.per_position;
+  for (int64_t i = blockIdx.x; i < k.n; i += gridDim.x) {
+    uint8_t *m = out + i * cells;
+    for (int64_t c = threadIdx.x; c < cells; c += blockDim.x) m[c] = 1;
+    __syncthreads();
+    if (per == 0) {
+      for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) m[kept_patch(k, g, draw[i])] = 0;
+    } else if (threadIdx.x == 0) {
+      int64_t left[4] = {per, per, per, per};
+      for (int64_t g = 0; g < groups; g++) {
+        int64_t v = take_from_pool(left, 4 * per - g, draw[i * groups + g]);
+        m[kept_patch(k, g, v)] = 0;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+constexpr int GROUP_MASK_THREADS = 128;
+constexpr int64_t GROUP_MASK_MAX_BLOCKS = 65535;
+
+// ---- compaction --------------------------------------------------------------------------------
 struct compact_geom {
   int64_t n, h, w, p;  // images, full token grid, tokens per patch side
   int64_t run;         // units per patch row (p tokens)
@@ -107,4 +155,16 @@ extern "C" int cuda_uniform_compact(ts_tensor *out, const ts_tensor *x, const ts
 extern "C" int cuda_uniform_compact_backward(ts_tensor *gx, const ts_tensor *g, const ts_tensor *kept,
                                              int64_t patch_tokens) {
   return run_compact("uniform_compact backward", gx, g, kept, patch_tokens, true);
+}
+
+extern "C" int cuda_group_mask(ts_tensor *out, const ts_tensor *draw, int64_t h, int64_t w, int64_t per_position) {
+  const char *op = "group_mask";
+  group_geom k = {out->shape[0], h, w, per_position};
+  if (k.n == 0 || h * w == 0) return TS_OK;
+  cudaStream_t stream;
+  if (cuda_stream_for(op, out->device.index, &stream)) return ts_last_status();
+  unsigned blocks = (unsigned)(k.n < GROUP_MASK_MAX_BLOCKS ? k.n : GROUP_MASK_MAX_BLOCKS);
+  group_mask_kernel<<<blocks, GROUP_MASK_THREADS, 0, stream>>>(k, (const int64_t *)ts_elem_ptr(draw),
+                                                               (uint8_t *)ts_elem_ptr(out));
+  return cuda_check(cudaGetLastError(), op);
 }

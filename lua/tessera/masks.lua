@@ -14,12 +14,15 @@
 --   T.masks.simmim(n, {input_size = 192, mask_patch_size = 32, model_patch_size = 4, ratio = 0.6})
 --   T.masks.uniform_masking(n, h, w, {ratio = 0.25, formula = 'swin', generator =, noise =})
 --                                                                     US + secondary masking (UM)
+--   Each generator takes {device = 'cuda'} to make its masks there (default 'cpu'); given noise
+--   decides the device itself. Secondary masks follow their primary mask's device.
 --   T.masks.secondary(mask, {ratio = 0.25, formula = 'swin' | 'vit', noise =, generator =})
 --   T.uniform_compact(x, mask, patch_tokens), alias T.masks.compact
 --   T.masks.render(path, img, masks, {labels =, denormalize =, index =, original =})   a PNG figure
 --   T.masks.show(img, mask, {width = 64, index =}) / T.masks.show_string(...)       24-bit terminal view
 -- Randomness comes from a generator's Philox stream (see ts_mask_generate in tessera.h): the same
--- generator state gives the same masks on every device.
+-- generator state gives the same masks on every device. The training recipes make their masks on
+-- the host, as the official data loaders do: compaction reads and checks the mask there anyway.
 local each = require 'tessera.each'
 local core = require 'tessera.core'
 require 'tessera.image'
@@ -130,11 +133,14 @@ end
 
 function masks.random(n, h, w, opts)
   local what = 'masks.random'
-  opts = core.options(what, opts, { 'ratio', 'noise', 'generator' })
+  opts = core.options(what, opts, { 'ratio', 'noise', 'generator', 'device' })
   n, h, w = grid_args(n, h, w, what)
   local ratio = check_number(what, 'ratio', opts.ratio or 0.75)
   local t
   if opts.noise ~= nil then
+    if opts.device ~= nil then
+      error(what .. ": give noise or device, not both (the mask is made on the noise's device)", 0)
+    end
     local noise = handle(opts.noise, what)
     local shape = core.shape_of(noise)
     if #shape ~= 2 or shape[1] ~= n or shape[2] ~= h * w then
@@ -142,7 +148,8 @@ function masks.random(n, h, w, opts)
     end
     t = wrap(C.ts_mask_from_noise(noise, ratio))
   else
-    t = wrap(C.ts_mask_generate(C.TS_MASK_RANDOM, n, h, w, ratio, generator_handle(opts.generator, what)))
+    t = wrap(C.ts_mask_generate(C.TS_MASK_RANDOM, n, h, w, ratio, generator_handle(opts.generator, what),
+      core.device(opts.device, what)))
   end
   return new_mask { mask = t, h = h, w = w, strategy = 'random', ratio = ratio }
 end
@@ -150,10 +157,11 @@ end
 local function group_strategy(kind, strategy)
   local what = 'masks.' .. strategy
   return function(n, h, w, opts)
-    opts = core.options(what, opts, { 'ratio', 'generator' })
+    opts = core.options(what, opts, { 'ratio', 'generator', 'device' })
     n, h, w = grid_args(n, h, w, what)
     local ratio = check_number(what, 'ratio', opts.ratio or 0.75)
-    local t = wrap(C.ts_mask_generate(kind, n, h, w, ratio, generator_handle(opts.generator, what)))
+    local t = wrap(C.ts_mask_generate(kind, n, h, w, ratio, generator_handle(opts.generator, what),
+      core.device(opts.device, what)))
     return new_mask { mask = t, h = h, w = w, strategy = strategy, ratio = 0.75 }
   end
 end
@@ -163,13 +171,15 @@ masks.uniform = group_strategy(C.TS_MASK_UNIFORM, 'uniform')
 -- SimMIM's MaskGenerator defaults: 192 px input, 32 px mask patches, 4 px model patches, 60%.
 function masks.simmim(n, opts)
   local what = 'masks.simmim'
-  opts = core.options(what, opts, { 'input_size', 'mask_patch_size', 'model_patch_size', 'ratio', 'generator' })
+  opts = core.options(what, opts,
+    { 'input_size', 'mask_patch_size', 'model_patch_size', 'ratio', 'generator', 'device' })
   n = check_integer(what, 'n', n, 0)
   local input = check_integer(what, 'input_size', opts.input_size or 192, 0)
   local mask_patch = check_integer(what, 'mask_patch_size', opts.mask_patch_size or 32, 0)
   local model_patch = check_integer(what, 'model_patch_size', opts.model_patch_size or 4, 0)
   local ratio = check_number(what, 'ratio', opts.ratio or 0.6)
-  local t = wrap(C.ts_mask_simmim(n, input, mask_patch, model_patch, ratio, generator_handle(opts.generator, what)))
+  local t = wrap(C.ts_mask_simmim(n, input, mask_patch, model_patch, ratio, generator_handle(opts.generator, what),
+    core.device(opts.device, what)))
   local side = model_patch > 0 and math.floor(input / model_patch) or 0
   return new_mask { mask = t, h = side, w = side, strategy = 'simmim', ratio = ratio,
     mask_patch_size = mask_patch, model_patch_size = model_patch }
@@ -211,8 +221,8 @@ end
 -- patches (the swin formula by default; 'vit' for the ViT model).
 function masks.uniform_masking(n, h, w, opts)
   local what = 'masks.uniform_masking'
-  opts = core.options(what, opts, { 'ratio', 'noise', 'formula', 'generator' })
-  local us = masks.uniform(n, h, w, { generator = opts.generator })
+  opts = core.options(what, opts, { 'ratio', 'noise', 'formula', 'generator', 'device' })
+  local us = masks.uniform(n, h, w, { generator = opts.generator, device = opts.device })
   local m = masks.secondary(us, { ratio = opts.ratio or 0.25, formula = opts.formula, noise = opts.noise,
     generator = opts.generator })
   m.strategy = 'uniform_masking'

@@ -44,7 +44,7 @@ local function decode_meta(meta, key, path)
 end
 
 -- Runs the model on the file's inputs: returns loss, the main output and the masks it made.
--- Images and labels go to the device; masks and mask noise stay on the host, where masks are made.
+-- Images and labels go to the device; masks and mask noise stay on the host, where the recipes make masks.
 local function run_model(model, class, inputs, device)
   local function dev(t) return t and t:to(device) or nil end
   local imgs = dev(inputs.imgs)

@@ -167,7 +167,7 @@ function P.train(cfg, run, method)
       if it >= iters then break end
       if epoch > start_epoch or it >= start_iter then
         if it % cfg.accum_iter == 0 then T.optim.adjust_learning_rate(optimizer, epoch + it / iters, schedule) end
-        local mask = method.masks(cfg, imgs:size(0)) -- made on the host, as masks always are
+        local mask = method.masks(cfg, imgs:size(0)) -- made on the host, as the official loaders make them
         local loss = P.in_precision(cfg, method.step, model, imgs:to(cfg.device), mask)
         local value = loss:item()
         run:check_loss(value, step)

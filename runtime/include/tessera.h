@@ -382,9 +382,9 @@ int ts_st_save(const char *path, int n, const char *const *names, ts_tensor *con
                const char *metadata_json);
 
 /* ---- masks for masked image modeling (MAE, UM-MAE, SimMIM) ------------------------------------ */
-/* A mask is a uint8 [N, h*w] CPU tensor over an h x w grid of patches numbered row-major:
-   1 = removed, 0 = visible. Masks are drawn from a generator's Philox stream (g = NULL: the default
-   generator), so one (seed, offset) gives the same masks anywhere:
+/* A mask is a uint8 [N, h*w] tensor over an h x w grid of patches numbered row-major: 1 = removed,
+   0 = visible. Masks are drawn on dev from a generator's Philox stream (g = NULL: the default
+   generator), so one (seed, offset) gives the same masks on every device:
      TS_MASK_RANDOM   MAE's random sampling: keys = a draw of N*h*w raw 32-bit lanes (randint over
                       [0, 2^32); element i*L + l belongs to patch l of image i); each image keeps
                       visible the int(L * (1 - ratio)) patches with the smallest keys (ties: lower
@@ -400,16 +400,19 @@ int ts_st_save(const char *path, int n, const char *const *names, ts_tensor *con
                       entry floor(lane * R / 2^32).
    The group strategies need even h and w; they remove 75% by construction and reject other ratios. */
 typedef enum ts_mask_kind { TS_MASK_RANDOM = 0, TS_MASK_GRID, TS_MASK_UNIFORM } ts_mask_kind;
-ts_tensor *ts_mask_generate(int kind, int64_t n, int64_t h, int64_t w, double ratio, ts_generator *g);
+ts_tensor *ts_mask_generate(int kind, int64_t n, int64_t h, int64_t w, double ratio, ts_generator *g,
+                            ts_device dev);
 /* MAE's random_masking from given noise [N, L] (any real dtype): in each row the int(L * (1 - ratio))
-   patches with the smallest noise stay visible (ties: lower index first). */
+   patches with the smallest noise stay visible (ties: lower index first). The mask is made on the
+   noise's device. */
 ts_tensor *ts_mask_from_noise(ts_tensor *noise, double ratio);
 /* SimMIM's MaskGenerator: a grid of (input_size/mask_patch_size)^2 mask patches of which
    ceil(count * ratio) are removed: those with the smallest keys of a draw of N*count raw lanes (the
    first entries of a random permutation, as ts_randperm orders keys); each mask patch then covers
-   (mask_patch_size/model_patch_size)^2 model patches. Result [N, (input_size/model_patch_size)^2]. */
+   (mask_patch_size/model_patch_size)^2 model patches. Result [N, (input_size/model_patch_size)^2]
+   on dev. */
 ts_tensor *ts_mask_simmim(int64_t n, int64_t input_size, int64_t mask_patch_size, int64_t model_patch_size,
-                          double ratio, ts_generator *g);
+                          double ratio, ts_generator *g, ts_device dev);
 /* UM-MAE's secondary masking: a share `ratio` of the visible patches is replaced by a learnable token.
    mask [N, L] uint8/bool with the same number V of visible patches in every image;
    K = int(V * (1 - ratio)).
@@ -421,14 +424,16 @@ ts_tensor *ts_mask_simmim(int64_t n, int64_t input_size, int64_t mask_patch_size
                         iff P[j] >= K.
    noise = NULL draws it from g as float32 uniform [0, 1) (ts_uniform_). Writes *new_mask
    (uint8 [N, L]: 1 = removed or replaced) and, when vis_mask is not NULL, *vis_mask (uint8 [N, V]:
-   1 = replaced, over the visible patches in raster order); both NULL on error. */
+   1 = replaced, over the visible patches in raster order), both on mask's device; both NULL on
+   error. The work is done on the host, where the mask is read and checked. */
 typedef enum ts_secondary_formula { TS_SECONDARY_SWIN = 0, TS_SECONDARY_VIT } ts_secondary_formula;
 int ts_mask_secondary(ts_tensor *mask, ts_tensor *noise, double ratio, int formula, ts_generator *g,
                       ts_tensor **new_mask, ts_tensor **vis_mask);
 /* UM-MAE's compaction: x [N, H, W, C] (a channels-last token grid, any dtype), mask [N, (H/p)*(W/p)]
    uint8/bool over patches of p x p tokens (p = patch_tokens) with exactly one visible patch in every
-   2x2 group of patches. Returns [N, H/2, W/2, C] whose p x p block (gy, gx) holds the tokens of group
-   (gy, gx)'s visible patch. Differentiable in x (the gradient is scattered back, zeros elsewhere). */
+   2x2 group of patches, on the CPU or on x's device (it is read and checked on the host). Returns
+   [N, H/2, W/2, C] whose p x p block (gy, gx) holds the tokens of group (gy, gx)'s visible patch.
+   Differentiable in x (the gradient is scattered back, zeros elsewhere). */
 ts_tensor *ts_uniform_compact(ts_tensor *x, ts_tensor *mask, int64_t patch_tokens);
 
 /* ---- PNG images (libpng) ----------------------------------------------------------------------- */

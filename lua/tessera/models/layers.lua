@@ -180,7 +180,7 @@ function L.visible_first(mask)
 end
 
 -- A patch mask [N, M*M] (1 = on) as a token mask [N, M*s, M*s, 1] (s tokens per patch side) in the
--- dtype and on the device of `like` (masks are made on the host; the model may run elsewhere).
+-- dtype and on the device of `like` (masks are usually made on the host; the model may run elsewhere).
 function L.upsample_mask(mask, s, like)
   local N, M = mask:size(0), math.floor(math.sqrt(mask:size(1)) + 0.5)
   return mask:to{ dtype = like.dtype, device = like.device }:view(N, M, 1, M, 1, 1):expand(N, M, s, M, s, 1):reshape(N, M * s, M * s, 1)
