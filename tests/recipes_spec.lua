@@ -82,6 +82,7 @@ describe('pre-training recipes', function()
       return function() run('pretrain_ummae', dir .. '/bad', { '--model', 'swin_micro', key, value }) end
     end
     S.assert_error(bad('--checkpoint_every', '-5'), 'pretrain: --checkpoint_every must be a non-negative integer, got -5')
+    S.assert_error(bad('--keep_every_epochs', '-1'), 'pretrain: --keep_every_epochs must be a non-negative integer, got -1')
     S.assert_error(bad('--input_size', '100'), 'MaskedAutoencoderSwin: img_size 100 is not a multiple of stride 8')
   end)
 
@@ -98,18 +99,51 @@ describe('pre-training recipes', function()
       { large.model, large.batch_size * large.accum_iter, large.epochs, large.warmup_epochs })
   end)
 
-  it('checkpoints at the first window end after each checkpoint_every steps', function()
+  -- Runs fn with checkpoint.save recording {epoch, iter, file name} of every save; returns them.
+  local function saves(fn)
     local checkpoint = require 'tessera.checkpoint'
     local save, saved = checkpoint.save, {}
     checkpoint.save = function(path, b)
-      saved[#saved + 1] = { b.epoch, b.iter }
+      saved[#saved + 1] = { b.epoch, b.iter, path:match('[^/]+$') }
       return save(path, b)
     end
-    finally(function() checkpoint.save = save end)
+    local ok, err = pcall(fn)
+    checkpoint.save = save
+    assert(ok, err)
+    return saved
+  end
+
+  it('checkpoints at the first window end after each checkpoint_every steps', function()
     -- 8 iterations an epoch in windows of 3 (the last 2 dropped, as MAE); every 2 steps asked for
-    run('pretrain_ummae', dir .. '/cadence', { '--model', 'swin_micro', '--accum_iter', '3', '--batch_size', '1',
-      '--max_iters_per_epoch', '8', '--checkpoint_every', '2' })
-    assert.same({ { 0, 3 }, { 0, 6 }, { 1, 3 }, { 1, 6 }, { 2, 0 } }, saved)
+    local saved = saves(function()
+      run('pretrain_ummae', dir .. '/cadence', { '--model', 'swin_micro', '--accum_iter', '3', '--batch_size', '1',
+        '--max_iters_per_epoch', '8', '--checkpoint_every', '2', '--keep_every_epochs', '0' })
+    end)
+    local c = 'checkpoint.safetensors'
+    assert.same({ { 0, 3, c }, { 0, 6, c }, { 1, 3, c }, { 1, 6, c }, { 2, 0, c } }, saved)
+  end)
+
+  it('keeps checkpoint-<epoch> copies every keep_every_epochs epochs and at the end, as the official runs', function()
+    local function kept(every)
+      local names = {}
+      for _, s in ipairs(saves(function()
+        run('pretrain_ummae', dir .. '/keep-' .. every, { '--model', 'swin_micro', '--epochs', '5',
+          '--max_iters_per_epoch', '1', '--checkpoint_every', '0', '--keep_every_epochs', every })
+      end)) do
+        if s[3] ~= 'checkpoint.safetensors' then names[#names + 1] = string.format('%s@%d.%d', s[3], s[1], s[2]) end
+      end
+      return table.concat(names, ' ')
+    end
+    assert.equal('checkpoint-1.safetensors@2.0 checkpoint-3.safetensors@4.0 checkpoint-4.safetensors@5.0', kept('2'))
+    assert.equal('checkpoint-4.safetensors@5.0', kept('100'))
+    assert.equal('', kept('0'))
+    -- a copy resumes like the rolling checkpoint: the last three epochs' losses again
+    local resumed = dir .. '/keep-resumed'
+    run('pretrain_ummae', resumed, { '--model', 'swin_micro', '--epochs', '5', '--max_iters_per_epoch', '1',
+      '--checkpoint_every', '0', '--resume', dir .. '/keep-2/checkpoint-1.safetensors' })
+    local straight, again = losses(dir .. '/keep-2/log.jsonl'), losses(resumed .. '/log.jsonl')
+    assert.equal(5, #straight)
+    assert.same({ straight[3], straight[4], straight[5] }, again)
   end)
 
   it("SimMIM trains a micro Swin with the paper's random masks and with SimMIM's own", function()

@@ -24,10 +24,12 @@ local P = {}
 -- ---- what every pre-training recipe has -----------------------------------------------------------
 -- The loop's options with the official main_pretrain.py defaults: AdamW (0.9, 0.95), base lr
 -- 1.5e-4 x batch / 256 (lr 0: derived), weight decay 0.05, 200 epochs with 10 of warm-up, batch 64.
+-- Besides the rolling checkpoint, a copy checkpoint-<epoch>.safetensors (0-based, as the official
+-- checkpoint-<epoch>.pth) is kept at the end of every keep_every_epochs-th epoch and of the last.
 local LOOP_DEFAULTS = { data = 'fashion-mnist', eval_split = 'test', batch_size = 64, accum_iter = 1, epochs = 200,
   warmup_epochs = 10, blr = 1.5e-4, lr = 0, min_lr = 0, weight_decay = 0.05, clip_grad = 0, num_workers = 2,
-  dct_scaling = true, seed = 0, log_every = 20, checkpoint_every = 500, max_iters_per_epoch = 0, eval_size = 16,
-  stop_after = 0, device = 'cpu', precision = 'fp32' }
+  dct_scaling = true, seed = 0, log_every = 20, checkpoint_every = 500, keep_every_epochs = 100,
+  max_iters_per_epoch = 0, eval_size = 16, stop_after = 0, device = 'cpu', precision = 'fp32' }
 local LOOP_TYPES = { lr = 'number', min_lr = 'number', clip_grad = 'number', blr = 'number', weight_decay = 'number' }
 local LOOP_PRESETS = {
   -- the official runs' effective batch of 4096 (128 per GPU x 4 accumulation x 8 GPUs) on one device
@@ -52,10 +54,10 @@ function P.tiny_preset(model)
     checkpoint_every = 200, log_every = 10 }, model)
 end
 
--- The loop's own options, checked before anything is built (0 turns each of the first three off);
+-- The loop's own options, checked before anything is built (0 turns each of the first four off);
 -- the library checks the others where they are used, naming them.
 local function check_options(cfg)
-  for _, key in ipairs { 'checkpoint_every', 'max_iters_per_epoch', 'stop_after' } do
+  for _, key in ipairs { 'checkpoint_every', 'keep_every_epochs', 'max_iters_per_epoch', 'stop_after' } do
     core.check_integer('pretrain', '--' .. key, cfg[key], 0)
   end
   core.check_integer('pretrain', '--log_every', cfg.log_every, 1)
@@ -195,6 +197,11 @@ function P.train(cfg, run, method)
       it = it + 1
     end
     start_iter = 0
+    local done = epoch + 1
+    if cfg.keep_every_epochs > 0 and (done % cfg.keep_every_epochs == 0 or done == cfg.epochs) then
+      run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = done, iter = 0,
+        extra = { loss0 = loss0, losses = losses }, name = 'checkpoint-' .. epoch }
+    end
   end
   run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = cfg.epochs, iter = 0,
     extra = { loss0 = loss0, losses = losses } }
