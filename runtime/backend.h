@@ -77,12 +77,12 @@ typedef struct ts_backend {
      kept[n,g]. The backward writes all of gx [N,H,W,C]: g's block at kept patches, zeros elsewhere. */
   int (*uniform_compact)(ts_tensor *out, const ts_tensor *x, const ts_tensor *kept, int64_t patch_tokens);
   int (*uniform_compact_backward)(ts_tensor *gx, const ts_tensor *g, const ts_tensor *kept, int64_t patch_tokens);
-  /* Grid-wise and uniform masks (runtime/masks.c), written whole: out uint8 [N, h*w] contiguous, h and
-     w even; draw int64 [N, D] contiguous on out's device. per_position = 0 (grid-wise): D = 1 and
-     every group of image i keeps position draw[i] in [0, 4). per_position > 0 (uniform): D = G raw
-     32-bit lanes, and group g takes its position from image i's pool of per_position of each, as
-     TS_MASK_UNIFORM in tessera.h defines. Position v of group (gy, gx) is patch (2gy + v/2, 2gx + v%2);
-     kept patches get 0, the others 1. */
+  /* Grid-wise and uniform masks (runtime/masks.c), written whole: out uint8 [N, h*w] contiguous, h
+     and w even; draw int64 [N, D] contiguous on out's device. per_position = 0 (grid-wise; an empty
+     grid reads nothing): D = 1, every group of image i keeps position draw[i] in [0, 4). per_position > 0
+     (uniform): D = G raw 32-bit lanes, and group g takes its position from image i's pool of
+     per_position of each, as TS_MASK_UNIFORM in tessera.h defines. Position v of group (gy, gx) is
+     patch (2gy + v/2, 2gx + v%2); kept patches get 0, the others 1. */
   int (*group_mask)(ts_tensor *out, const ts_tensor *draw, int64_t h, int64_t w, int64_t per_position);
 
   /* linear layers, normalization, softmax, dropout, losses */

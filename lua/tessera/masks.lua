@@ -14,8 +14,8 @@
 --   T.masks.simmim(n, {input_size = 192, mask_patch_size = 32, model_patch_size = 4, ratio = 0.6})
 --   T.masks.uniform_masking(n, h, w, {ratio = 0.25, formula = 'swin', generator =, noise =})
 --                                                                     US + secondary masking (UM)
---   Each generator takes {device = 'cuda'} to make its masks there (default 'cpu'); given noise
---   decides the device itself. Secondary masks follow their primary mask's device.
+--   Each generator takes {device = 'cuda'} to make its masks there (default 'cpu'); in masks.random,
+--   given noise decides the device itself. Secondary masks follow their primary mask's device.
 --   T.masks.secondary(mask, {ratio = 0.25, formula = 'swin' | 'vit', noise =, generator =})
 --   T.uniform_compact(x, mask, patch_tokens), alias T.masks.compact
 --   T.masks.render(path, img, masks, {labels =, denormalize =, index =, original =})   a PNG figure
