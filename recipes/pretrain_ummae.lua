@@ -1,7 +1,8 @@
 -- UM-MAE pre-training (Uniform Masking: uniform sampling + secondary masking) of a pyramid ViT.
 --   tessera run recipes/pretrain_ummae.lua --model swin_tiny --data /path/to/imagenet/train
 --   tessera run recipes/pretrain_ummae.lua --preset tiny --output_dir out   (a small Swin on Fashion-MNIST)
---   ... --device cuda --precision bf16   (forward and loss under bfloat16 autocast; a no-op on the CPU)
+--   ... --device cuda --precision bf16   (forward and loss under bfloat16 autocast; a no-op on the CPU;
+--                                         fp16: float16 autocast with a loss scaler, as the official AMP)
 -- Defaults follow the paper's Table 8: AdamW (0.9, 0.95), base lr 1.5e-4 x batch / 256, weight
 -- decay 0.05, cosine schedule with 10 warm-up epochs of 200, normalized-pixel loss, secondary
 -- masking ratio 0.25, 256 x 256 inputs.

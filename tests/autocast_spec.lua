@@ -1,7 +1,7 @@
 -- autocast_spec.lua — mixed precision (T.autocast): the thread-local setting nests and is restored
 -- on error; on the CPU it changes nothing (outputs and gradients bit-identical); with a GPU
--- (pending otherwise) products run in bfloat16, norms and losses in float32, casts are recorded so
--- float32 parameters get float32 gradients, close to the float32 results within bfloat16 rounding.
+-- (pending otherwise) products run in bfloat16 or float16, norms and losses in float32, casts are
+-- recorded so float32 parameters get float32 gradients, close to float32 within 16-bit rounding.
 local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
@@ -131,63 +131,65 @@ describe('autocast', function()
   end)
 
   -- ---- on a GPU -----------------------------------------------------------------------------------
-  CS.it('runs products in bfloat16 and norms and losses in float32, with float32 gradients', function()
-    local x, target = inputs('cuda')
-    local ref_net, amp_net = small_net('cuda'), small_net('cuda')
-    local ref = run(ref_net, x, target)
-    local amp = T.autocast('bfloat16', run, amp_net, x, target)
-    assert.equals('bfloat16', amp.fc1.dtype, 'linear output')
-    assert.equals('float32', amp.norm.dtype, 'layer_norm output')
-    assert.equals('bfloat16', amp.fc2.dtype, 'linear output')
-    assert.equals('float32', amp.loss.dtype, 'mse_loss output')
-    for _, key in ipairs { 'fc1', 'norm', 'fc2' } do
-      local err = rel_l2(amp[key], ref[key])
-      assert.is_true(err < 2e-2, string.format('%s: relative error %.3g against float32', key, err))
-    end
-    assert.is_true(rel_l2(amp.loss, ref.loss) < 2e-2, 'loss')
-    -- backward outside the region: the tape remembers the casts
-    ref.loss:backward()
-    amp.loss:backward()
-    local a, r = params(amp_net), params(ref_net)
-    for i = 1, #a do
-      local p, g = a[i][2], a[i][2].grad
-      assert.equals('float32', p.dtype, a[i][1])
-      assert.is_not_nil(g, a[i][1] .. ' got no gradient')
-      assert.equals('float32', g.dtype, a[i][1] .. ' gradient dtype')
-      local err = rel_l2(g, r[i][2].grad)
-      assert.is_true(err < 5e-2, string.format('%s: gradient relative error %.3g against float32', a[i][1], err))
-    end
-    local gx = x:clone():requires_grad_()
-    T.autocast('bfloat16', run, amp_net, gx, target).loss:backward()
-    assert.equals('float32', gx.grad.dtype, 'input gradient dtype')
-  end)
+  for _, half in ipairs { 'bfloat16', 'float16' } do
+    CS.it('runs products in ' .. half .. ' and norms and losses in float32, with float32 gradients', function()
+      local x, target = inputs('cuda')
+      local ref_net, amp_net = small_net('cuda'), small_net('cuda')
+      local ref = run(ref_net, x, target)
+      local amp = T.autocast(half, run, amp_net, x, target)
+      assert.equals(half, amp.fc1.dtype, 'linear output')
+      assert.equals('float32', amp.norm.dtype, 'layer_norm output')
+      assert.equals(half, amp.fc2.dtype, 'linear output')
+      assert.equals('float32', amp.loss.dtype, 'mse_loss output')
+      for _, key in ipairs { 'fc1', 'norm', 'fc2' } do
+        local err = rel_l2(amp[key], ref[key])
+        assert.is_true(err < 2e-2, string.format('%s: relative error %.3g against float32', key, err))
+      end
+      assert.is_true(rel_l2(amp.loss, ref.loss) < 2e-2, 'loss')
+      -- backward outside the region: the tape remembers the casts
+      ref.loss:backward()
+      amp.loss:backward()
+      local a, r = params(amp_net), params(ref_net)
+      for i = 1, #a do
+        local p, g = a[i][2], a[i][2].grad
+        assert.equals('float32', p.dtype, a[i][1])
+        assert.is_not_nil(g, a[i][1] .. ' got no gradient')
+        assert.equals('float32', g.dtype, a[i][1] .. ' gradient dtype')
+        local err = rel_l2(g, r[i][2].grad)
+        assert.is_true(err < 5e-2, string.format('%s: gradient relative error %.3g against float32', a[i][1], err))
+      end
+      local gx = x:clone():requires_grad_()
+      T.autocast(half, run, amp_net, gx, target).loss:backward()
+      assert.equals('float32', gx.grad.dtype, 'input gradient dtype')
+    end)
 
-  CS.it('covers matmul, bmm, conv2d and attention, and leaves float64 and the cpu alone', function()
-    local a = S.rand_tensor({ 4, 16, 32 }, 21, 'float32'):cuda()
-    local b = S.rand_tensor({ 4, 32, 8 }, 22, 'float32'):cuda()
-    local mm = T.autocast('bfloat16', T.matmul, a, b)
-    assert.equals('bfloat16', mm.dtype)
-    assert.is_true(rel_l2(mm, T.matmul(a, b)) < 1e-2)
-    assert.equals('bfloat16', T.autocast('bfloat16', T.bmm, a, b).dtype)
-    assert.equals('float64', T.autocast('bfloat16', T.matmul, a:double(), b:double()).dtype)
-    local img = S.rand_tensor({ 2, 3, 16, 16 }, 23, 'float32'):cuda()
-    local w, bias = S.rand_tensor({ 8, 3, 4, 4 }, 24, 'float32'):cuda(), S.rand_tensor({ 8 }, 25, 'float32'):cuda()
-    local conv = T.autocast('bfloat16', F.conv2d, img, w, bias, { stride = 4 })
-    assert.equals('bfloat16', conv.dtype)
-    assert.is_true(rel_l2(conv, F.conv2d(img, w, bias, { stride = 4 })) < 2e-2)
-    local q = S.rand_tensor({ 2, 3, 49, 32 }, 26, 'float32'):cuda()
-    local rel = S.rand_tensor({ 3, 49, 49 }, 27, 'float32'):cuda()
-    local o = T.autocast('bfloat16', F.scaled_dot_product_attention, q, q, q, { bias = rel })
-    assert.equals('bfloat16', o.dtype)
-    assert.is_true(rel_l2(o, F.scaled_dot_product_attention(q, q, q, { bias = rel })) < 2e-2)
-    -- softmax and cross entropy of a bfloat16 tensor run in float32
-    local logits = mm:view(-1, 8)
-    assert.equals('float32', T.autocast('bfloat16', F.softmax, logits, -1).dtype)
-    local labels = T.arange(0, logits:size(0), { dtype = 'int64' }):remainder(8):cuda()
-    assert.equals('float32', T.autocast('bfloat16', F.cross_entropy, logits, labels).dtype)
-    -- the same calls on the cpu are untouched
-    assert.equals('float32', T.autocast('bfloat16', T.matmul, a:cpu(), b:cpu()).dtype)
-  end)
+    CS.it(half .. ' covers matmul, bmm, conv2d and attention, and leaves float64 and the cpu alone', function()
+      local a = S.rand_tensor({ 4, 16, 32 }, 21, 'float32'):cuda()
+      local b = S.rand_tensor({ 4, 32, 8 }, 22, 'float32'):cuda()
+      local mm = T.autocast(half, T.matmul, a, b)
+      assert.equals(half, mm.dtype)
+      assert.is_true(rel_l2(mm, T.matmul(a, b)) < 1e-2)
+      assert.equals(half, T.autocast(half, T.bmm, a, b).dtype)
+      assert.equals('float64', T.autocast(half, T.matmul, a:double(), b:double()).dtype)
+      local img = S.rand_tensor({ 2, 3, 16, 16 }, 23, 'float32'):cuda()
+      local w, bias = S.rand_tensor({ 8, 3, 4, 4 }, 24, 'float32'):cuda(), S.rand_tensor({ 8 }, 25, 'float32'):cuda()
+      local conv = T.autocast(half, F.conv2d, img, w, bias, { stride = 4 })
+      assert.equals(half, conv.dtype)
+      assert.is_true(rel_l2(conv, F.conv2d(img, w, bias, { stride = 4 })) < 2e-2)
+      local q = S.rand_tensor({ 2, 3, 49, 32 }, 26, 'float32'):cuda()
+      local rel = S.rand_tensor({ 3, 49, 49 }, 27, 'float32'):cuda()
+      local o = T.autocast(half, F.scaled_dot_product_attention, q, q, q, { bias = rel })
+      assert.equals(half, o.dtype)
+      assert.is_true(rel_l2(o, F.scaled_dot_product_attention(q, q, q, { bias = rel })) < 2e-2)
+      -- softmax and cross entropy of a 16-bit tensor run in float32
+      local logits = mm:view(-1, 8)
+      assert.equals('float32', T.autocast(half, F.softmax, logits, -1).dtype)
+      local labels = T.arange(0, logits:size(0), { dtype = 'int64' }):remainder(8):cuda()
+      assert.equals('float32', T.autocast(half, F.cross_entropy, logits, labels).dtype)
+      -- the same calls on the cpu are untouched
+      assert.equals('float32', T.autocast(half, T.matmul, a:cpu(), b:cpu()).dtype)
+    end)
+  end
 
   CS.it('keeps layer norm statistics and the attention log-sum-exp in float32 for bfloat16 inputs', function()
     -- rows around 1024 with a spread near 37: their mean rounded to bfloat16 (steps of 8 there) would

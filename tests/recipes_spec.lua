@@ -146,6 +146,25 @@ describe('pre-training recipes', function()
     assert.same({ straight[3], straight[4], straight[5] }, again)
   end)
 
+  it('fp16 scales the loss (on the CPU the fp32 losses exactly), logs the scale and resumes with it', function()
+    local fp32, fp16 = dir .. '/fp32', dir .. '/fp16'
+    run('pretrain_ummae', fp32, { '--model', 'swin_micro' })
+    run('pretrain_ummae', fp16, { '--model', 'swin_micro', '--precision', 'fp16' })
+    assert.same(losses(fp32 .. '/log.jsonl'), losses(fp16 .. '/log.jsonl'))
+    local scales = {}
+    for _, l in ipairs(lines(fp16 .. '/log.jsonl')) do if l.loss then scales[#scales + 1] = l.loss_scale end end
+    assert.same({ 65536, 65536, 65536, 65536 }, scales)
+    local bundle = require('tessera.checkpoint').load(fp16 .. '/checkpoint.safetensors')
+    assert.same({ scale = 65536, growth_factor = 2, backoff_factor = 0.5, growth_interval = 2000, _growth_tracker = 4 },
+      bundle.extra.scaler)
+    local resumed = dir .. '/fp16-resumed'
+    run('pretrain_ummae', resumed, { '--model', 'swin_micro', '--precision', 'fp16', '--stop_after', '1' })
+    run('pretrain_ummae', resumed, { '--model', 'swin_micro', '--precision', 'fp16', '--resume',
+      resumed .. '/checkpoint.safetensors' })
+    assert.same(losses(fp16 .. '/log.jsonl'), losses(resumed .. '/log.jsonl'))
+    assert.equal(4, require('tessera.checkpoint').load(resumed .. '/checkpoint.safetensors').extra.scaler._growth_tracker)
+  end)
+
   it("SimMIM trains a micro Swin with the paper's random masks and with SimMIM's own", function()
     run('pretrain_simmim', dir .. '/simmim', { '--model', 'swin_micro' })
     assert_outputs(dir .. '/simmim')

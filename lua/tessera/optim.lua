@@ -760,29 +760,51 @@ function optim.adjust_learning_rate(optimizer, epoch, schedule)
   return lr
 end
 
--- ---- gradient accumulation --------------------------------------------------------------------------
--- MAE's pattern for an effective batch of accum_iter micro-batches:
---   local acc = T.optim.Accumulator(opt, accum_iter[, {max_norm = 1.0, norm_type = 2}])
---   for it, batch in ... do
---     if acc:at_window_start() then T.optim.adjust_learning_rate(opt, epoch + it / n, sched) end
---     local stepped, grad_norm = acc:backward(loss_of(batch))
---   end
--- backward() back-propagates loss / accum_iter (gradients add up to the full batch's mean) and, on
--- every accum_iter-th call, clips (when max_norm is set), steps and zeroes the gradients.
-local Accumulator = {}
-Accumulator.__index = Accumulator
+-- ---- loss scaling for float16 -----------------------------------------------------------------------
+-- torch.cuda.amp.GradScaler: float16 gradients underflow, so the loss is multiplied by a scale
+-- before backward and the gradients divided by it before the step; a step whose gradients hold
+-- Inf/NaN is skipped and the scale backs off, and after growth_interval clean steps it grows.
+--   local scaler = T.optim.GradScaler{init_scale = 2^16, growth_factor = 2, backoff_factor = 0.5,
+--                                     growth_interval = 2000, enabled = true}
+--   scaler:scale(loss):backward()
+--   scaler:unscale_(opt)             (optional: before clipping) → whether the gradients hold Inf/NaN
+--   scaler:step(opt)                 → whether the optimizer stepped
+--   scaler:update()
+-- A disabled scaler passes everything through (scale 1, every step taken). The scale is a power of
+-- two by default, so scaling and unscaling float32 gradients is exact.
+local GradScaler = {}
+GradScaler.__index = GradScaler
 
-function optim.Accumulator(optimizer, accum_iter, opts)
-  local what = 'Accumulator'
-  if type(optimizer) ~= 'table' or type(optimizer.step) ~= 'function' then error(what .. ': expected an optimizer', 0) end
-  check_integer(what, 'accum_iter', accum_iter, 1)
-  opts = core.options(what, opts, { max_norm = true, norm_type = true })
-  if opts.max_norm ~= nil then check_nonnegative(what, 'max_norm', opts.max_norm) end
-  return setmetatable({ optimizer = optimizer, accum_iter = accum_iter, count = 0, max_norm = opts.max_norm,
-    norm_type = norm_type_arg(what, opts.norm_type) }, Accumulator)
+function optim.GradScaler(opts)
+  local what = 'GradScaler'
+  opts = core.options(what, opts, { 'init_scale', 'growth_factor', 'backoff_factor', 'growth_interval', 'enabled' })
+  local self = setmetatable({
+    scale_value = check_positive(what, 'init_scale', opts.init_scale, 2 ^ 16),
+    growth_factor = check_positive(what, 'growth_factor', opts.growth_factor, 2),
+    backoff_factor = check_positive(what, 'backoff_factor', opts.backoff_factor, 0.5),
+    growth_interval = check_integer(what, 'growth_interval', opts.growth_interval, 1, 2000),
+    enabled = check_boolean(what, 'enabled', opts.enabled, true),
+    growth_tracker = 0,
+    per_optimizer = setmetatable({}, { __mode = 'k' }), -- optimizer → {found_inf = bool} since update()
+  }, GradScaler)
+  if self.growth_factor <= 1 then error(what .. ': growth_factor must be > 1, got ' .. self.growth_factor, 0) end
+  if self.backoff_factor >= 1 then error(what .. ': backoff_factor must be < 1, got ' .. self.backoff_factor, 0) end
+  return self
 end
 
-function Accumulator:at_window_start() return self.count == 0 end
+function GradScaler:is_enabled() return self.enabled end
+function GradScaler:get_scale() return self.enabled and self.scale_value or 1 end
+
+function GradScaler:scale(loss)
+  if not core.is_tensor(loss) then error('GradScaler:scale: expected a tensor, got ' .. type(loss), 0) end
+  return self.enabled and loss * self.scale_value or loss
+end
+
+local function check_optimizer(what, optimizer)
+  if type(optimizer) ~= 'table' or type(optimizer.step) ~= 'function' or type(optimizer.param_groups) ~= 'table' then
+    error(what .. ': expected an optimizer', 0)
+  end
+end
 
 local function optimizer_params(optimizer)
   local out = {}
@@ -792,19 +814,131 @@ local function optimizer_params(optimizer)
   return out
 end
 
--- Returns whether it stepped, and the gradient norm before clipping when max_norm is set.
+-- Divides the optimizer's gradients by the scale, once per update(); returns whether any holds
+-- Inf/NaN (their total norm, summed in float64, is finite exactly when every element is).
+function GradScaler:unscale_(optimizer)
+  local what = 'GradScaler:unscale_'
+  check_optimizer(what, optimizer)
+  if not self.enabled then return false end
+  if self.per_optimizer[optimizer] then
+    error(what .. ': already called on this optimizer since the last update()', 0)
+  end
+  local grads = grads_of(what, optimizer_params(optimizer))
+  local found_inf = false
+  if #grads > 0 then
+    check(C.ts_scale_(#grads, c_tensors(grads), 1 / self.scale_value))
+    local norm = total_norm(grads, 2)
+    found_inf = norm ~= norm or norm == math.huge
+    free_all(grads)
+  end
+  self.per_optimizer[optimizer] = { found_inf = found_inf }
+  return found_inf
+end
+
+-- Unscales (unless unscale_ did), then steps unless the gradients hold Inf/NaN.
+function GradScaler:step(optimizer)
+  check_optimizer('GradScaler:step', optimizer)
+  if not self.enabled then
+    optimizer:step()
+    return true
+  end
+  if not self.per_optimizer[optimizer] then self:unscale_(optimizer) end
+  if self.per_optimizer[optimizer].found_inf then return false end
+  optimizer:step()
+  return true
+end
+
+-- Backs off after a step with Inf/NaN gradients, grows after growth_interval clean ones.
+function GradScaler:update()
+  if not self.enabled then return end
+  local found_inf, seen = false, false
+  for _, state in each(self.per_optimizer) do
+    seen = true
+    found_inf = found_inf or state.found_inf
+  end
+  if not seen then error('GradScaler:update: no optimizer was unscaled or stepped since the last update()', 0) end
+  if found_inf then
+    self.scale_value, self.growth_tracker = self.scale_value * self.backoff_factor, 0
+  else
+    self.growth_tracker = self.growth_tracker + 1
+    if self.growth_tracker == self.growth_interval then
+      self.scale_value, self.growth_tracker = self.scale_value * self.growth_factor, 0
+    end
+  end
+  self.per_optimizer = setmetatable({}, { __mode = 'k' })
+end
+
+-- PyTorch's keys ({} when disabled).
+function GradScaler:state_dict()
+  if not self.enabled then return {} end
+  return { scale = self.scale_value, growth_factor = self.growth_factor, backoff_factor = self.backoff_factor,
+    growth_interval = self.growth_interval, _growth_tracker = self.growth_tracker }
+end
+
+function GradScaler:load_state_dict(sd)
+  local what = 'GradScaler:load_state_dict'
+  if type(sd) ~= 'table' then error(what .. ': expected a table, got ' .. type(sd), 0) end
+  if not self.enabled then return end
+  if next(sd) == nil then error(what .. ': the state is empty (saved from a disabled scaler)', 0) end
+  self.scale_value = check_positive(what, 'scale', sd.scale)
+  self.growth_factor = check_positive(what, 'growth_factor', sd.growth_factor)
+  self.backoff_factor = check_positive(what, 'backoff_factor', sd.backoff_factor)
+  self.growth_interval = check_integer(what, 'growth_interval', sd.growth_interval, 1)
+  self.growth_tracker = check_integer(what, '_growth_tracker', sd._growth_tracker, 0)
+end
+
+-- ---- gradient accumulation --------------------------------------------------------------------------
+-- MAE's pattern for an effective batch of accum_iter micro-batches:
+--   local acc = T.optim.Accumulator(opt, accum_iter[, {max_norm = 1.0, norm_type = 2, scaler = GradScaler}])
+--   for it, batch in ... do
+--     if acc:at_window_start() then T.optim.adjust_learning_rate(opt, epoch + it / n, sched) end
+--     local stepped, grad_norm = acc:backward(loss_of(batch))
+--   end
+-- backward() back-propagates loss / accum_iter (gradients add up to the full batch's mean) and, on
+-- every accum_iter-th call, clips (when max_norm is set), steps and zeroes the gradients. With
+-- opts.scaler (a GradScaler, MAE's NativeScaler pattern) the loss is scaled for backward and the
+-- gradients unscaled before clipping and the step, which is skipped when they hold Inf/NaN.
+local Accumulator = {}
+Accumulator.__index = Accumulator
+
+function optim.Accumulator(optimizer, accum_iter, opts)
+  local what = 'Accumulator'
+  if type(optimizer) ~= 'table' or type(optimizer.step) ~= 'function' then error(what .. ': expected an optimizer', 0) end
+  check_integer(what, 'accum_iter', accum_iter, 1)
+  opts = core.options(what, opts, { max_norm = true, norm_type = true, scaler = true })
+  if opts.max_norm ~= nil then check_nonnegative(what, 'max_norm', opts.max_norm) end
+  if opts.scaler ~= nil and getmetatable(opts.scaler) ~= GradScaler then
+    error(what .. ': scaler must be a T.optim.GradScaler, got ' .. core.describe(opts.scaler), 0)
+  end
+  return setmetatable({ optimizer = optimizer, accum_iter = accum_iter, count = 0, max_norm = opts.max_norm,
+    norm_type = norm_type_arg(what, opts.norm_type), scaler = opts.scaler }, Accumulator)
+end
+
+function Accumulator:at_window_start() return self.count == 0 end
+
+-- Returns whether the optimizer stepped (not at a window's end, nor when the scaler skips a step
+-- with Inf/NaN gradients), and the gradient norm before clipping when max_norm is set.
 function Accumulator:backward(loss)
   if not core.is_tensor(loss) then error('Accumulator:backward: expected a loss tensor, got ' .. type(loss), 0) end
   local scaled = self.accum_iter > 1 and loss / self.accum_iter or loss
+  local scaler = self.scaler
+  if scaler then scaled = scaler:scale(scaled) end
   scaled:backward()
   self.count = self.count + 1
   if self.count < self.accum_iter then return false end
-  local norm
+  local norm, stepped
+  if scaler then scaler:unscale_(self.optimizer) end -- clipping sees the true gradients
   if self.max_norm then norm = optim.clip_grad_norm_(optimizer_params(self.optimizer), self.max_norm, self.norm_type) end
-  self.optimizer:step()
+  if scaler then
+    stepped = scaler:step(self.optimizer)
+    scaler:update()
+  else
+    self.optimizer:step()
+    stepped = true
+  end
   self.optimizer:zero_grad()
   self.count = 0
-  return true, norm
+  return stepped, norm
 end
 
 -- Drops a partial window: zeroes the gradients and restarts the count (MAE zeroes at epoch start).

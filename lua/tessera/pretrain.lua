@@ -4,6 +4,9 @@
 -- reconstruction loss at step 0 and at the end, and the final pictures. cfg.precision = 'bf16' runs
 -- the forward and the loss (training and held-out) under T.autocast('bfloat16'); the backward runs
 -- outside it (the tape remembers the casts) and the optimizer updates float32 master weights.
+-- 'fp16' does the same under T.autocast('float16') with a GradScaler, as the official runs' AMP
+-- with MAE's NativeScaler (scale 2^16, halved on Inf/NaN gradients, doubled every 2000 clean steps;
+-- the scale is logged and checkpointed).
 -- cfg.dct_scaling = false decodes every JPEG at full size, as PIL does for the official code (true,
 -- the loader's default, decodes at 1/2 to 1/8 scale when the crop is that much larger than the output).
 --
@@ -41,7 +44,7 @@ local LOOP_PRESETS = {
 function P.recipe(r)
   r.defaults = merge(LOOP_DEFAULTS, r.defaults)
   r.types = merge(LOOP_TYPES, r.types)
-  r.choices = merge({ precision = { 'fp32', 'bf16' } }, r.choices)
+  r.choices = merge({ precision = { 'fp32', 'bf16', 'fp16' } }, r.choices)
   r.model_keys = r.model_keys or { 'model', 'input_size' }
   r.presets = merge(LOOP_PRESETS, r.presets)
   return r
@@ -85,13 +88,16 @@ function P.dataset(spec, split)
   return T.data.ImageFolder(spec)
 end
 
--- fn(...) in the run's precision: under bfloat16 autocast for 'bf16' (a no-op on the CPU).
+local AUTOCAST = { fp32 = 'float32', bf16 = 'bfloat16', fp16 = 'float16' }
+
+-- fn(...) in the run's precision: under autocast for 'bf16' and 'fp16' (a no-op on the CPU).
 function P.in_precision(cfg, fn, ...)
-  if cfg.precision == 'bf16' then return T.autocast('bfloat16', fn, ...) end
-  if cfg.precision ~= nil and cfg.precision ~= 'fp32' then
-    error("pretrain: precision must be 'fp32' or 'bf16', got '" .. tostring(cfg.precision) .. "'", 0)
+  local dtype = AUTOCAST[cfg.precision or 'fp32']
+  if not dtype then
+    error("pretrain: precision must be 'fp32', 'bf16' or 'fp16', got '" .. tostring(cfg.precision) .. "'", 0)
   end
-  return fn(...)
+  if dtype == 'float32' then return fn(...) end
+  return T.autocast(dtype, fn, ...)
 end
 
 -- Base learning rate scaled by the effective batch, as MAE: lr = blr * eff_batch / 256.
@@ -144,7 +150,9 @@ function P.train(cfg, run, method)
   local iters = loader:num_batches()
   if cfg.max_iters_per_epoch > 0 then iters = math.min(iters, cfg.max_iters_per_epoch) end
   local evaluate = held_out(cfg, method)
-  local accum = T.optim.Accumulator(optimizer, cfg.accum_iter, { max_norm = cfg.clip_grad > 0 and cfg.clip_grad or nil })
+  local scaler = T.optim.GradScaler{ enabled = cfg.precision == 'fp16' }
+  local accum = T.optim.Accumulator(optimizer, cfg.accum_iter, { max_norm = cfg.clip_grad > 0 and cfg.clip_grad or nil,
+    scaler = scaler })
 
   local state = run:resume(model, optimizer, loader) or {}
   local extra = state.extra or {}
@@ -152,6 +160,12 @@ function P.train(cfg, run, method)
   local losses = extra.losses or { x = {}, y = {} }
   local loss0 = extra.loss0
   if not loss0 then loss0 = evaluate(model) end
+  -- a checkpoint of an fp32 or bf16 run has no scale: an fp16 run resumed from it starts afresh
+  if scaler:is_enabled() and extra.scaler and next(extra.scaler) ~= nil then scaler:load_state_dict(extra.scaler) end
+  local function save(epoch, iter, name)
+    run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = epoch, iter = iter, name = name,
+      extra = { loss0 = loss0, losses = losses, scaler = scaler:state_dict() } }
+  end
   run:log{ event = 'start', held_out_loss = loss0, lr = lr, params = model:num_parameters(true) }
 
   local step, started = start_epoch * iters + start_iter, clock()
@@ -179,16 +193,17 @@ function P.train(cfg, run, method)
         local current_lr = optimizer.param_groups[1].lr
         run:progress{ epoch = epoch + 1, epochs = cfg.epochs, iter = it + 1, iters = iters, loss = value, lr = current_lr,
           images_per_s = images_seen / math.max(clock() - started, 1e-9) }
-        if step % cfg.log_every == 0 then run:log{ epoch = epoch, iter = it, step = step, loss = value, lr = current_lr } end
+        if step % cfg.log_every == 0 then
+          run:log{ epoch = epoch, iter = it, step = step, loss = value, lr = current_lr,
+            loss_scale = scaler:is_enabled() and scaler:get_scale() or nil }
+        end
         if step >= next_checkpoint and accum:at_window_start() then
-          run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = epoch, iter = it + 1,
-            extra = { loss0 = loss0, losses = losses } }
+          save(epoch, it + 1)
           next_checkpoint = next_checkpoint_after(step)
         end
         -- a time-boxed run (stop_after steps in this process) leaves a checkpoint to resume from
         if cfg.stop_after > 0 and step - first_step >= cfg.stop_after and accum:at_window_start() then
-          run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = epoch, iter = it + 1,
-            extra = { loss0 = loss0, losses = losses } }
+          save(epoch, it + 1)
           run:summary(string.format('stopped after %d steps (stop_after); resume with --resume %s', step - first_step,
             run.output_dir .. '/checkpoint.safetensors'))
           return { loss0 = loss0, steps = step, stopped = true }
@@ -199,12 +214,10 @@ function P.train(cfg, run, method)
     start_iter = 0
     local done = epoch + 1
     if cfg.keep_every_epochs > 0 and (done % cfg.keep_every_epochs == 0 or done == cfg.epochs) then
-      run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = done, iter = 0,
-        extra = { loss0 = loss0, losses = losses }, name = 'checkpoint-' .. epoch }
+      save(done, 0, 'checkpoint-' .. epoch)
     end
   end
-  run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = cfg.epochs, iter = 0,
-    extra = { loss0 = loss0, losses = losses } }
+  save(cfg.epochs, 0)
 
   local final, imgs, mask, pred = evaluate(model)
   local seconds = clock() - started
