@@ -71,6 +71,14 @@ int ts_has_internal_overlap(const ts_tensor *t);  /* a written tensor must not h
    an op writing dst must not read what it is overwriting (x.copy_(x.t()), y.add_(y.t())). */
 ts_tensor *ts_unaliased(ts_tensor *src, const ts_tensor *dst);
 
+/* ---- random draws (random.c) ------------------------------------------------------------------ */
+/* Where a generator stood when a call began. A call that draws and then fails rewinds it (the
+   binding retries a call that ran out of memory, and the retry must draw the same numbers): the
+   generator goes back unless another thread drew from it or set it meanwhile. */
+typedef struct { ts_generator *g; uint64_t offset, changes, own_draws; } ts_draw_mark;
+ts_draw_mark ts_draw_mark_of(ts_generator *g); /* g = NULL: the default generator */
+void ts_draw_rewind(const ts_draw_mark *m);
+
 /* ---- host allocator statistics (device allocators report through the same counters) ---------- */
 void ts_stats_on_alloc(ts_device dev, int64_t bytes);
 void ts_stats_on_free(ts_device dev, int64_t bytes);

@@ -170,6 +170,7 @@ ts_tensor *ts_mask_generate(int kind, int64_t n, int64_t h, int64_t w, double ra
   if (check_count(op, "n", n) || check_count(op, "h", h) || check_count(op, "w", w)) return NULL;
   if (h && w > INT64_MAX / h) return TS_FAIL_NULL(TS_ERR_SHAPE, "%s: a %lld x %lld grid is too large", op, (long long)h, (long long)w);
   int previous = ts_set_grad_enabled(0);
+  ts_draw_mark mark = ts_draw_mark_of(g);
   ts_tensor *out = NULL;
   switch (kind) {
   case TS_MASK_RANDOM: out = random_mask(n, h, w, ratio, g, dev); break;
@@ -177,6 +178,7 @@ ts_tensor *ts_mask_generate(int kind, int64_t n, int64_t h, int64_t w, double ra
   case TS_MASK_UNIFORM: out = group_mask(kind, n, h, w, ratio, g, dev); break;
   default: ts_set_error(TS_ERR_ARG, "%s: unknown mask kind %d (TS_MASK_RANDOM, TS_MASK_GRID, TS_MASK_UNIFORM)", op, kind);
   }
+  if (!out) ts_draw_rewind(&mark);
   ts_set_grad_enabled(previous);
   return out;
 }
@@ -206,6 +208,7 @@ ts_tensor *ts_mask_simmim(int64_t n, int64_t input_size, int64_t mask_patch_size
   int64_t blocks[5] = {n, rand_size, 1, rand_size, 1}, spread[5] = {n, rand_size, scale, rand_size, scale};
   int64_t flat[2] = {n, side * side};
   int previous = ts_set_grad_enabled(0);
+  ts_draw_mark mark = ts_draw_mark_of(g);
   ts_scope s = {0};
   ts_tensor *lanes = ts_scope_keep(&s, draw_integers(n, count, LANE_RANGE, g, dev));
   /* the first `masked` entries of a random permutation: the smallest keys, as randperm orders them */
@@ -215,6 +218,7 @@ ts_tensor *ts_mask_simmim(int64_t n, int64_t input_size, int64_t mask_patch_size
   ts_tensor *wide = s.failed ? NULL : ts_scope_keep(&s, ts_expand(view, 5, spread));
   ts_tensor *out = s.failed ? NULL : ts_reshape(wide, 2, flat);
   ts_scope_close(&s);
+  if (!out) ts_draw_rewind(&mark);
   ts_set_grad_enabled(previous);
   return out;
 }
@@ -356,6 +360,7 @@ int ts_mask_secondary(ts_tensor *mask, ts_tensor *noise, double ratio, int formu
     return ts_set_error(TS_ERR_ARG, "mask_secondary: unknown formula %d (TS_SECONDARY_SWIN, TS_SECONDARY_VIT)", formula);
   if (check_ratio(op, ratio)) return ts_last_status();
   int previous = ts_set_grad_enabled(0);
+  ts_draw_mark mark = ts_draw_mark_of(g);
   int64_t v = 0;
   uint8_t *m = read_primary(op, mask, &v);
   double *z = NULL;
@@ -380,6 +385,7 @@ int ts_mask_secondary(ts_tensor *mask, ts_tensor *noise, double ratio, int formu
       *vis_mask = NULL;
     }
   }
+  if (!*new_mask) ts_draw_rewind(&mark);
   ts_set_grad_enabled(previous);
   return *new_mask ? TS_OK : ts_last_status();
 }

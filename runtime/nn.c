@@ -288,6 +288,7 @@ static ts_tensor *drop(const char *op, ts_tensor *x, int ndim, const int64_t *ma
   const ts_backend *be = TS_NN_BACKEND(x, masked_scale, op);
   if (!be) return NULL;
   int previous = ts_set_grad_enabled(0);
+  ts_draw_mark mark = ts_draw_mark_of(g);
   ts_tensor *mask = ts_empty(ndim, mask_shape, TS_BOOL, x->device), *out = NULL;
   if (mask && ts_bernoulli_(mask, 1.0 - p, g) == TS_OK) out = masked_scale(be, x, mask, scale);
   ts_set_grad_enabled(previous);
@@ -295,6 +296,7 @@ static ts_tensor *drop(const char *op, ts_tensor *x, int ndim, const int64_t *ma
   if (n) n->d[0] = scale;
   out = ts_node_finish_saving(n, out, 1, &mask);
   ts_release(mask);
+  if (!out) ts_draw_rewind(&mark);
   return out;
 }
 

@@ -55,14 +55,17 @@ void ts_philox4x32(uint64_t seed, uint64_t counter_lo, uint64_t counter_hi, uint
 
 /* ---- generators ------------------------------------------------------------------------------ */
 /* The lock makes (seed, offset) one value: a draw reserves its blocks atomically, and a state read
-   or written concurrently with draws is always a state some sequence of draws passed through. */
+   or written concurrently with draws is always a state some sequence of draws passed through.
+   `changes` counts draws and set_state calls, so that a rewind can tell whether it would undo
+   another thread's (see ts_draw_rewind). */
 struct ts_generator {
   pthread_mutex_t lock;
-  uint64_t seed, offset;
+  uint64_t seed, offset, changes;
 };
 
 #define DEFAULT_SEED 67280421310721ull
-static ts_generator default_generator = {PTHREAD_MUTEX_INITIALIZER, DEFAULT_SEED, 0};
+static ts_generator default_generator = {PTHREAD_MUTEX_INITIALIZER, DEFAULT_SEED, 0, 0};
+static _Thread_local uint64_t own_draws; /* draws this thread made, from any generator */
 
 ts_generator *ts_default_generator(void) { return &default_generator; }
 
@@ -75,6 +78,7 @@ ts_generator *ts_generator_new(uint64_t seed) {
   pthread_mutex_init(&g->lock, NULL);
   g->seed = seed;
   g->offset = 0;
+  g->changes = 0;
   return g;
 }
 
@@ -89,6 +93,7 @@ void ts_generator_set_state(ts_generator *g, uint64_t seed, uint64_t offset) {
   pthread_mutex_lock(&g->lock);
   g->seed = seed;
   g->offset = offset;
+  g->changes++;
   pthread_mutex_unlock(&g->lock);
 }
 
@@ -107,8 +112,26 @@ static uint64_t reserve_blocks(ts_generator *g, int64_t n, uint64_t *seed) {
   uint64_t start = g->offset;
   *seed = g->seed;
   g->offset += ((uint64_t)n + 3) / 4;
+  g->changes++;
   pthread_mutex_unlock(&g->lock);
+  own_draws++;
   return start;
+}
+
+ts_draw_mark ts_draw_mark_of(ts_generator *g) {
+  if (!g) g = &default_generator;
+  pthread_mutex_lock(&g->lock);
+  ts_draw_mark m = {g, g->offset, g->changes, own_draws};
+  pthread_mutex_unlock(&g->lock);
+  return m;
+}
+
+/* Back to the mark only when every change since was one of this thread's draws. */
+void ts_draw_rewind(const ts_draw_mark *m) {
+  ts_generator *g = m->g;
+  pthread_mutex_lock(&g->lock);
+  if (g->changes - m->changes == own_draws - m->own_draws) g->offset = m->offset;
+  pthread_mutex_unlock(&g->lock);
 }
 
 /* ---- drawing into tensors -------------------------------------------------------------------- */
@@ -145,11 +168,13 @@ static int draw(const char *op, ts_tensor *t, int kind, double a, double b, ts_g
   if (n == 0) return TS_OK;
   ts_tensor *tmp = NULL;
   if (!ts_is_contiguous(t) && !(tmp = ts_empty(t->ndim, t->shape, t->dtype, t->device))) return ts_last_status();
+  ts_draw_mark mark = ts_draw_mark_of(g);
   uint64_t seed, offset = reserve_blocks(g, n, &seed);
   int st = be->random(tmp ? tmp : t, kind, a, b, seed, offset);
   if (!st && tmp) st = ts_copy_(t, tmp);
   ts_release(tmp);
-  if (!st) after_write(t);
+  if (st) ts_draw_rewind(&mark);
+  else after_write(t);
   return st;
 }
 
@@ -238,9 +263,11 @@ ts_tensor *ts_randperm(int64_t n, int dtype, ts_generator *g, ts_device dev) {
   ts_tensor *keys = ts_empty(1, &n, TS_I64, dev);
   if (!keys) return NULL;
   ts_tensor *values = NULL, *order = NULL, *out = NULL;
+  ts_draw_mark mark = ts_draw_mark_of(g);
   if (draw(op, keys, TS_RAND_RANDINT, 0, 4294967296.0, g) == TS_OK &&
       ts_sort(keys, 0, 0, 1, &values, &order) == TS_OK)
     out = ts_to_dtype(order, dtype);
+  if (!out) ts_draw_rewind(&mark);
   ts_release(keys);
   ts_release(values);
   ts_release(order);

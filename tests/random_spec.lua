@@ -182,6 +182,35 @@ describe('generators', function()
     assert.equal(0, g:get_state().offset)
   end)
 
+  -- dropout draws its mask (1 MB), then allocates its output (4 MB): out of memory after the draw
+  it('stay where they were when a call fails after drawing, so the out-of-memory retry draws the same', function()
+    local F = T.F
+    local x = T.ones(2 ^ 20)
+    local g = T.Generator(5)
+    local want = F.dropout(x, 0.5, true, g)
+    local after = g:get_state()
+    g:set_state { seed = 5, offset = 0 }
+    collectgarbage()
+    collectgarbage('stop') -- only the out-of-memory path may collect
+    local ok, err = pcall(function()
+      T.set_memory_limit(T.memory_stats().live + 2 * 2 ^ 20)
+      local failed = pcall(F.dropout, x, 0.5, true, g) -- fails twice: nothing to collect
+      assert(not failed, 'dropout fitted under the limit')
+      assert.same({ seed = 5, offset = 0 }, g:get_state())
+      T.set_memory_limit(0)
+      local garbage = T.empty(2 * 2 ^ 20) -- 8 MB the retry's collection frees
+      garbage = nil
+      T.set_memory_limit(T.memory_stats().live + 2 * 2 ^ 20)
+      local got = F.dropout(x, 0.5, true, g) -- the first try fails after drawing, the retry succeeds
+      T.set_memory_limit(0)
+      assert.same(values(want), values(got))
+      assert.same(after, g:get_state())
+    end)
+    T.set_memory_limit(0)
+    collectgarbage('restart')
+    assert(ok, err)
+  end)
+
   it('give clear errors for bad arguments', function()
     S.assert_error(function() T.Generator(1.5) end, 'Generator', 'seed must be an integer')
     S.assert_error(function() T.Generator(1):set_state(5) end, 'set_state', 'seed = ..., offset = ...')

@@ -183,7 +183,9 @@ int ts_topk(ts_tensor *a, int64_t k, int dim, int largest, int sorted, ts_tensor
 
 /* ---- random numbers: counter-based Philox4x32-10 --------------------------------------------- */
 /* Element i of a draw uses the Philox block (seed, offset + i/4), lane i%4; a draw of n elements
-   advances the generator's offset by ceil(n/4). A GPU kernel computes the same stream. */
+   advances the generator's offset by ceil(n/4). A GPU kernel computes the same stream. A call
+   that fails leaves its generator where it was (unless another thread drew from it or set it
+   meanwhile), so a call retried after running out of memory draws the same numbers. */
 typedef struct ts_generator ts_generator;
 ts_generator *ts_generator_new(uint64_t seed);
 void ts_generator_free(ts_generator *g);
