@@ -75,7 +75,7 @@ ts_tensor *ts_unaliased(ts_tensor *src, const ts_tensor *dst);
 /* Where a generator stood when a call began. A call that draws and then fails rewinds it (the
    binding retries a call that ran out of memory, and the retry must draw the same numbers): the
    generator goes back unless another thread drew from it or set it meanwhile. */
-typedef struct { ts_generator *g; uint64_t offset, changes, own_draws; } ts_draw_mark;
+typedef struct { ts_generator *g; uint64_t offset, changes, own_changes; } ts_draw_mark;
 ts_draw_mark ts_draw_mark_of(ts_generator *g); /* g = NULL: the default generator */
 void ts_draw_rewind(const ts_draw_mark *m);
 

@@ -56,8 +56,8 @@ void ts_philox4x32(uint64_t seed, uint64_t counter_lo, uint64_t counter_hi, uint
 /* ---- generators ------------------------------------------------------------------------------ */
 /* The lock makes (seed, offset) one value: a draw reserves its blocks atomically, and a state read
    or written concurrently with draws is always a state some sequence of draws passed through.
-   `changes` counts draws and set_state calls, so that a rewind can tell whether it would undo
-   another thread's (see ts_draw_rewind). */
+   `changes` counts draws, rewinds and set_state calls, so that a rewind can tell whether it would
+   undo another thread's (see ts_draw_rewind). */
 struct ts_generator {
   pthread_mutex_t lock;
   uint64_t seed, offset, changes;
@@ -65,7 +65,14 @@ struct ts_generator {
 
 #define DEFAULT_SEED 67280421310721ull
 static ts_generator default_generator = {PTHREAD_MUTEX_INITIALIZER, DEFAULT_SEED, 0, 0};
-static _Thread_local uint64_t own_draws; /* draws this thread made, from any generator */
+
+/* This thread's latest changes to generators (draws and rewinds): entry i of the log is
+   own_log[i % OWN_LOG], own_changes entries in all. */
+enum { OWN_LOG = 64 };
+static _Thread_local ts_generator *own_log[OWN_LOG];
+static _Thread_local uint64_t own_changes;
+
+static void log_own_change(ts_generator *g) { own_log[own_changes++ % OWN_LOG] = g; }
 
 ts_generator *ts_default_generator(void) { return &default_generator; }
 
@@ -113,24 +120,38 @@ static uint64_t reserve_blocks(ts_generator *g, int64_t n, uint64_t *seed) {
   *seed = g->seed;
   g->offset += ((uint64_t)n + 3) / 4;
   g->changes++;
+  log_own_change(g);
   pthread_mutex_unlock(&g->lock);
-  own_draws++;
   return start;
 }
 
 ts_draw_mark ts_draw_mark_of(ts_generator *g) {
   if (!g) g = &default_generator;
   pthread_mutex_lock(&g->lock);
-  ts_draw_mark m = {g, g->offset, g->changes, own_draws};
+  ts_draw_mark m = {g, g->offset, g->changes, own_changes};
   pthread_mutex_unlock(&g->lock);
   return m;
 }
 
-/* Back to the mark only when every change since was one of this thread's draws. */
+/* This thread's changes to g since log entry `since`; -1 when the log no longer reaches back. */
+static int64_t own_changes_since(const ts_generator *g, uint64_t since) {
+  if (own_changes - since > OWN_LOG) return -1;
+  int64_t n = 0;
+  for (uint64_t i = since; i < own_changes; i++) n += own_log[i % OWN_LOG] == g;
+  return n;
+}
+
+/* Back to the mark only when every change to g since was this thread's (its draws, and rewinds of
+   calls nested in this one). */
 void ts_draw_rewind(const ts_draw_mark *m) {
   ts_generator *g = m->g;
   pthread_mutex_lock(&g->lock);
-  if (g->changes - m->changes == own_draws - m->own_draws) g->offset = m->offset;
+  int64_t own = own_changes_since(g, m->own_changes);
+  if (own > 0 && g->changes - m->changes == (uint64_t)own) {
+    g->offset = m->offset;
+    g->changes++;
+    log_own_change(g);
+  }
   pthread_mutex_unlock(&g->lock);
 }
 

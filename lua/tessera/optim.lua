@@ -795,9 +795,13 @@ end
 function GradScaler:is_enabled() return self.enabled end
 function GradScaler:get_scale() return self.enabled and self.scale_value or 1 end
 
+-- A 16-bit loss is widened to float32 first (PyTorch's float32 scale tensor promotes a 0-d one):
+-- a float16 loss above 1 times 2^16 would overflow.
 function GradScaler:scale(loss)
   if not core.is_tensor(loss) then error('GradScaler:scale: expected a tensor, got ' .. type(loss), 0) end
-  return self.enabled and loss * self.scale_value or loss
+  if not self.enabled then return loss end
+  if loss.dtype == 'float16' or loss.dtype == 'bfloat16' then loss = loss:float() end
+  return loss * self.scale_value
 end
 
 local function check_optimizer(what, optimizer)
@@ -815,7 +819,8 @@ local function optimizer_params(optimizer)
 end
 
 -- Divides the optimizer's gradients by the scale, once per update(); returns whether any holds
--- Inf/NaN (their total norm, summed in float64, is finite exactly when every element is).
+-- Inf/NaN (their largest magnitude is then Inf or NaN). float16 gradients are refused, as PyTorch
+-- does: the scaler is for float32 master weights under float16 autocast.
 function GradScaler:unscale_(optimizer)
   local what = 'GradScaler:unscale_'
   check_optimizer(what, optimizer)
@@ -824,26 +829,38 @@ function GradScaler:unscale_(optimizer)
     error(what .. ': already called on this optimizer since the last update()', 0)
   end
   local grads = grads_of(what, optimizer_params(optimizer))
-  local found_inf = false
+  for _, g in ipairs(grads) do
+    if g.dtype == 'float16' then
+      free_all(grads)
+      error(what .. ': attempting to unscale float16 gradients; keep float32 parameters and use autocast', 0)
+    end
+  end
+  local state = { found_inf = true } -- until the check below has run: a failed check skips the step
+  self.per_optimizer[optimizer] = state
   if #grads > 0 then
     check(C.ts_scale_(#grads, c_tensors(grads), 1 / self.scale_value))
-    local norm = total_norm(grads, 2)
-    found_inf = norm ~= norm or norm == math.huge
+    local largest = total_norm(grads, math.huge)
     free_all(grads)
+    state.found_inf = largest ~= largest or largest == math.huge
+  else
+    state.found_inf = false
   end
-  self.per_optimizer[optimizer] = { found_inf = found_inf }
-  return found_inf
+  return state.found_inf
 end
 
--- Unscales (unless unscale_ did), then steps unless the gradients hold Inf/NaN.
+-- Unscales (unless unscale_ did), then steps unless the gradients hold Inf/NaN; once per update().
 function GradScaler:step(optimizer)
-  check_optimizer('GradScaler:step', optimizer)
+  local what = 'GradScaler:step'
+  check_optimizer(what, optimizer)
   if not self.enabled then
     optimizer:step()
     return true
   end
   if not self.per_optimizer[optimizer] then self:unscale_(optimizer) end
-  if self.per_optimizer[optimizer].found_inf then return false end
+  local state = self.per_optimizer[optimizer]
+  if state.stepped then error(what .. ': already called on this optimizer since the last update()', 0) end
+  state.stepped = true
+  if state.found_inf then return false end
   optimizer:step()
   return true
 end
