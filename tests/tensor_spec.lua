@@ -428,6 +428,25 @@ describe('memory and lifetime', function()
     S.assert_error(function() T.set_memory_limit(-1) end, 'set_memory_limit', '>= 0')
   end)
 
+  it('retries the calls that return tensors through out-pointers (sort) the same way', function()
+    local x = T.rand(2 ^ 20)
+    local want_values, want_order = x:sort()
+    collectgarbage()
+    collectgarbage('stop') -- only the out-of-memory path may collect
+    local ok, err = pcall(function()
+      local garbage = T.empty(4 * 2 ^ 20) -- 16 MB the retry's collection frees
+      garbage = nil
+      T.set_memory_limit(T.memory_stats().live + 8 * 2 ^ 20) -- sort needs 4 MB values + 8 MB indices
+      local got_values, got_order = x:sort()
+      T.set_memory_limit(0)
+      assert.is_true(got_values:eq(want_values):all():item())
+      assert.is_true(got_order:eq(want_order):all():item())
+    end)
+    T.set_memory_limit(0)
+    collectgarbage('restart')
+    assert(ok, err)
+  end)
+
   it('an allocation that succeeds keeps the error a failed call left', function()
     local core = require 'tessera.core'
     local lib, ffi = core.lib, core.ffi

@@ -31,8 +31,8 @@ end
 -- device's allocator cache is emptied, and the call is made again; a second failure is the error.
 -- This lives here, in Lua, because a C allocator must not call back into Lua (LuaJIT aborts when a
 -- C function called from compiled code does). Every binding module calls the library through `C`,
--- which wraps each function that makes an object once with this retry (the others, enums and
--- constants pass through).
+-- which wraps each function that makes an object once with this retry, and so the functions that
+-- hand their tensors back through out-pointers (the others, enums and constants pass through).
 local cpu_device = ffi.new('ts_device', { lib.TS_CPU, 0 })
 
 local function free_memory()
@@ -42,10 +42,10 @@ local function free_memory()
   lib.ts_clear_error()
 end
 
-local function with_retry(fn)
+local function with_retry(fn, failed)
   return function(...)
     local r = fn(...)
-    if r == nil and lib.ts_last_status() == lib.TS_ERR_MEMORY then
+    if failed(r) and lib.ts_last_status() == lib.TS_ERR_MEMORY then
       free_memory()
       r = fn(...)
     end
@@ -53,10 +53,17 @@ local function with_retry(fn)
   end
 end
 
+local function null(r) return r == nil end
+local function not_ok(r) return r ~= lib.TS_OK end
+-- status-returning calls whose results come through out-pointers and that change nothing when they
+-- fail (a data loader's next batch does change its position, so it is not here)
+local OUT_POINTER_CALLS = { ts_sort = true, ts_topk = true, ts_max_dim = true, ts_mask_secondary = true }
+
 local C = setmetatable({}, { __index = function(t, name)
   local v = lib[name]
   -- functions that return an object (a tensor, a file, a loader): NULL is their failure
-  if type(v) == 'cdata' and tostring(ffi.typeof(v)):match('^ctype<struct [%w_]+ %*%(') then v = with_retry(v) end
+  if type(v) == 'cdata' and tostring(ffi.typeof(v)):match('^ctype<struct [%w_]+ %*%(') then v = with_retry(v, null) end
+  if OUT_POINTER_CALLS[name] then v = with_retry(v, not_ok) end
   rawset(t, name, v)
   return v
 end })
