@@ -182,6 +182,7 @@ ts_tensor *ts_mask_generate(int kind, int64_t n, int64_t h, int64_t w, double ra
   ts_set_grad_enabled(previous);
   return out;
 }
+
 /* ---- SimMIM ---------------------------------------------------------------------------------- */
 static int check_simmim(int64_t n, int64_t input_size, int64_t mask_patch, int64_t model_patch, double ratio) {
   const char *op = "mask_simmim";

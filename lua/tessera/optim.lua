@@ -785,7 +785,7 @@ function optim.GradScaler(opts)
     growth_interval = check_integer(what, 'growth_interval', opts.growth_interval, 1, 2000),
     enabled = check_boolean(what, 'enabled', opts.enabled, true),
     growth_tracker = 0,
-    per_optimizer = setmetatable({}, { __mode = 'k' }), -- optimizer → {found_inf = bool} since update()
+    per_optimizer = setmetatable({}, { __mode = 'k' }), -- optimizer → {found_inf, stepped} since update()
   }, GradScaler)
   if self.growth_factor <= 1 then error(what .. ': growth_factor must be > 1, got ' .. self.growth_factor, 0) end
   if self.backoff_factor >= 1 then error(what .. ': backoff_factor must be < 1, got ' .. self.backoff_factor, 0) end
