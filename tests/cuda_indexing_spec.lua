@@ -331,7 +331,7 @@ describe('cuda uniform_compact matches the cpu', function()
       for _, case in ipairs { { 2, 8, 8, 3, 2 }, { 3, 16, 16, 96, 2 }, { 1, 12, 12, 5, 3 }, { 2, 8, 8, 4, 1 } } do
         local n, h, w, ch, p = unpack(case)
         local m = T.masks.uniform(n, h / p, w / p, { generator = T.Generator(di) })
-        assert.equals('cpu', m.mask.device) -- masks are made on the host
+        assert.equals('cpu', m.mask.device) -- masks are made on the host by default
         local mg = m.mask:cuda()
         local x = CS.base(dtype, 1800 + di, { n, h, w, ch })
         local want = T.uniform_compact(x, m.mask, p)

@@ -474,9 +474,8 @@ describe('secondary masking', function()
   end)
 end)
 
--- ---- drawing ---------------------------------------------------------------------------------------
 describe('mask devices', function()
-  it("makes masks on opts.device ('cpu' is the default), secondary masks on their primary's device", function()
+  it("makes masks on opts.device 'cpu', the default (the GPU's are in cuda_indexing_spec)", function()
     local function bytes(t) return table.concat(values(t), ',') end
     for _, make in ipairs {
       function(opts) return T.masks.uniform(3, 4, 6, opts).mask end,
@@ -486,6 +485,7 @@ describe('mask devices', function()
       function(opts) return T.masks.uniform_masking(3, 4, 6, opts).new_mask end,
     } do
       local default, placed = make { generator = gen(5) }, make { generator = gen(5), device = 'cpu' }
+      assert.equals('cpu', default.device)
       assert.equals('cpu', placed.device)
       assert.equals(bytes(default), bytes(placed))
     end
@@ -506,6 +506,7 @@ describe('mask devices', function()
   end)
 end)
 
+-- ---- drawing ---------------------------------------------------------------------------------------
 describe('tostring(mask)', function()
   it('draws the reference masks of ummae_swin_tiny as its README does', function()
     local ref = load_ref('ummae_swin_tiny')

@@ -2,7 +2,8 @@
 -- float32, float16/bfloat16, strided parameters, the multi-tensor parallel path), SGD with
 -- momentum/dampening/nesterov/weight decay, parameter groups, skipped and frozen parameters,
 -- state_dict round trips, gradient clipping, the weight-decay and layer-decay group builders
--- (ViT, Swin and PVT names), learning-rate schedules, gradient accumulation, and bad input.
+-- (ViT, Swin and PVT names), learning-rate schedules, gradient accumulation, loss scaling
+-- (GradScaler), and bad input.
 local each = require 'tessera.each'
 local T = require 'tessera'
 local S = require 'support'
@@ -762,6 +763,9 @@ describe('GradScaler', function()
       'GradScaler:unscale_: attempting to unscale float16 gradients')
     S.assert_error(function() scaler:load_state_dict({}) end, 'the state is empty')
     S.assert_error(function() scaler:load_state_dict({ scale = -1 }) end, 'scale must be a finite number > 0')
+    S.assert_error(function()
+      scaler:load_state_dict({ scale = 4, growth_factor = 0.5, backoff_factor = 0.5, growth_interval = 2, _growth_tracker = 0 })
+    end, 'GradScaler:load_state_dict: growth_factor must be > 1')
     S.assert_error(function() optim.Accumulator(opt, 1, { scaler = {} }) end, 'scaler must be a T.optim.GradScaler')
   end)
 end)

@@ -1,6 +1,7 @@
 -- recipes_spec.lua — a short smoke run of every pre-training recipe on a few tiny PNG images:
 -- each trains a couple of steps, checkpoints, and leaves its log and both pictures behind; the
--- UM-MAE recipe also resumes exactly.
+-- UM-MAE recipe also resumes exactly, keeps per-epoch checkpoint copies, and trains in fp16 with a
+-- loss scaler (on the CPU: the fp32 losses).
 local T = require 'tessera'
 local R = require 'tessera.recipe'
 local S = require 'support'

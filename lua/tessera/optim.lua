@@ -1,5 +1,6 @@
--- tessera.optim — optimizers, gradient clipping, parameter groups, learning-rate schedules and
--- gradient accumulation, as torch.optim, timm and the MAE/BEiT fine-tuning recipes have them.
+-- tessera.optim — optimizers, gradient clipping, parameter groups, learning-rate schedules,
+-- gradient accumulation and float16 loss scaling, as torch.optim, torch.cuda.amp, timm and the
+-- MAE/BEiT recipes have them.
 --
 --   local opt = T.optim.AdamW(model:parameters(), {lr = 1e-3, betas = {0.9, 0.999}, weight_decay = 0.05})
 --   loss:backward(); T.optim.clip_grad_norm_(model:parameters(), 1.0); opt:step(); opt:zero_grad()
@@ -778,18 +779,21 @@ GradScaler.__index = GradScaler
 function optim.GradScaler(opts)
   local what = 'GradScaler'
   opts = core.options(what, opts, { 'init_scale', 'growth_factor', 'backoff_factor', 'growth_interval', 'enabled' })
-  local self = setmetatable({
-    scale_value = check_positive(what, 'init_scale', opts.init_scale, 2 ^ 16),
-    growth_factor = check_positive(what, 'growth_factor', opts.growth_factor, 2),
-    backoff_factor = check_positive(what, 'backoff_factor', opts.backoff_factor, 0.5),
-    growth_interval = check_integer(what, 'growth_interval', opts.growth_interval, 1, 2000),
-    enabled = check_boolean(what, 'enabled', opts.enabled, true),
-    growth_tracker = 0,
-    per_optimizer = setmetatable({}, { __mode = 'k' }), -- optimizer → {found_inf, stepped} since update()
-  }, GradScaler)
-  if self.growth_factor <= 1 then error(what .. ': growth_factor must be > 1, got ' .. self.growth_factor, 0) end
-  if self.backoff_factor >= 1 then error(what .. ': backoff_factor must be < 1, got ' .. self.backoff_factor, 0) end
+  local self = setmetatable({ enabled = check_boolean(what, 'enabled', opts.enabled, true), growth_tracker = 0,
+    per_optimizer = setmetatable({}, { __mode = 'k' }) }, GradScaler) -- optimizer → {found_inf, stepped}
+  self:set_factors(what, check_positive(what, 'init_scale', opts.init_scale, 2 ^ 16), opts.growth_factor or 2,
+    opts.backoff_factor or 0.5, opts.growth_interval or 2000)
   return self
+end
+
+-- The scale and its rules, checked (the constructor's options, or a loaded state).
+function GradScaler:set_factors(what, scale, growth_factor, backoff_factor, growth_interval)
+  self.scale_value = check_positive(what, 'scale', scale)
+  self.growth_factor = check_positive(what, 'growth_factor', growth_factor)
+  self.backoff_factor = check_positive(what, 'backoff_factor', backoff_factor)
+  self.growth_interval = check_integer(what, 'growth_interval', growth_interval, 1)
+  if growth_factor <= 1 then error(what .. ': growth_factor must be > 1, got ' .. growth_factor, 0) end
+  if backoff_factor >= 1 then error(what .. ': backoff_factor must be < 1, got ' .. backoff_factor, 0) end
 end
 
 function GradScaler:is_enabled() return self.enabled end
@@ -897,10 +901,7 @@ function GradScaler:load_state_dict(sd)
   if type(sd) ~= 'table' then error(what .. ': expected a table, got ' .. type(sd), 0) end
   if not self.enabled then return end
   if next(sd) == nil then error(what .. ': the state is empty (saved from a disabled scaler)', 0) end
-  self.scale_value = check_positive(what, 'scale', sd.scale)
-  self.growth_factor = check_positive(what, 'growth_factor', sd.growth_factor)
-  self.backoff_factor = check_positive(what, 'backoff_factor', sd.backoff_factor)
-  self.growth_interval = check_integer(what, 'growth_interval', sd.growth_interval, 1)
+  self:set_factors(what, sd.scale, sd.growth_factor, sd.backoff_factor, sd.growth_interval)
   self.growth_tracker = check_integer(what, '_growth_tracker', sd._growth_tracker, 0)
 end
 
@@ -914,13 +915,14 @@ end
 -- backward() back-propagates loss / accum_iter (gradients add up to the full batch's mean) and, on
 -- every accum_iter-th call, clips (when max_norm is set), steps and zeroes the gradients. With
 -- opts.scaler (a GradScaler, MAE's NativeScaler pattern) the loss is scaled for backward and the
--- gradients unscaled before clipping and the step, which is skipped when they hold Inf/NaN.
+-- gradients unscaled before clipping and the step, which is skipped when they hold Inf/NaN; the
+-- accumulator calls the scaler's update() itself.
 local Accumulator = {}
 Accumulator.__index = Accumulator
 
 function optim.Accumulator(optimizer, accum_iter, opts)
   local what = 'Accumulator'
-  if type(optimizer) ~= 'table' or type(optimizer.step) ~= 'function' then error(what .. ': expected an optimizer', 0) end
+  check_optimizer(what, optimizer)
   check_integer(what, 'accum_iter', accum_iter, 1)
   opts = core.options(what, opts, { max_norm = true, norm_type = true, scaler = true })
   if opts.max_norm ~= nil then check_nonnegative(what, 'max_norm', opts.max_norm) end

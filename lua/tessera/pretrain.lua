@@ -161,7 +161,7 @@ function P.train(cfg, run, method)
   local loss0 = extra.loss0
   if not loss0 then loss0 = evaluate(model) end
   -- a checkpoint of an fp32 or bf16 run has no scale: an fp16 run resumed from it starts afresh
-  if scaler:is_enabled() and extra.scaler and next(extra.scaler) ~= nil then scaler:load_state_dict(extra.scaler) end
+  if extra.scaler and next(extra.scaler) ~= nil then scaler:load_state_dict(extra.scaler) end
   local function save(epoch, iter, name)
     run:save_checkpoint{ model = model, optimizer = optimizer, loader = loader, epoch = epoch, iter = iter, name = name,
       extra = { loss0 = loss0, losses = losses, scaler = scaler:state_dict() } }

@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a declaration below changes meaning or layout. */
-enum { TESSERA_ABI_VERSION = 1, TS_MAX_DIMS = 8 };
+enum { TESSERA_ABI_VERSION = 2, TS_MAX_DIMS = 8 };
 int tessera_abi_version(void);
 const char *ts_version_string(void);
 
@@ -185,7 +185,8 @@ int ts_topk(ts_tensor *a, int64_t k, int dim, int largest, int sorted, ts_tensor
 /* Element i of a draw uses the Philox block (seed, offset + i/4), lane i%4; a draw of n elements
    advances the generator's offset by ceil(n/4). A GPU kernel computes the same stream. A call
    that fails leaves its generator where it was (unless another thread drew from it or set it
-   meanwhile), so a call retried after running out of memory draws the same numbers. */
+   meanwhile, or the call made over 64 draws), so a call retried after running out of memory draws
+   the same numbers. */
 typedef struct ts_generator ts_generator;
 ts_generator *ts_generator_new(uint64_t seed);
 void ts_generator_free(ts_generator *g);
