@@ -11,13 +11,6 @@ extern "C" {
 
 // Functors and kernels have internal linkage: another .cu may reuse a name.
 namespace {
-// Same-dtype copies move raw elements of this size: no conversion, NaN payloads kept.
-template <int SIZE> struct raw_element;
-template <> struct raw_element<1> { using type = uint8_t; };
-template <> struct raw_element<2> { using type = uint16_t; };
-template <> struct raw_element<4> { using type = uint32_t; };
-template <> struct raw_element<8> { using type = uint64_t; };
-
 template <typename T> struct raw_copy_op {
   T *dst;
   const T *src;
@@ -31,12 +24,6 @@ template <int D, int S> struct convert_op {
 };
 } // namespace
 
-template <int SIZE> static int raw_copy(ts_tensor *dst, const ts_tensor *src) {
-  using T = typename raw_element<SIZE>::type;
-  const ts_tensor *ops[2] = {dst, src};
-  return cuda_foreach("copy", ops, raw_copy_op<T>{(T *)ts_elem_ptr(dst), (const T *)ts_elem_ptr(src)});
-}
-
 static int same_dtype_copy(ts_tensor *dst, const ts_tensor *src) {
   if (ts_is_contiguous(dst) && ts_is_contiguous(src)) {
     cudaStream_t stream;
@@ -45,12 +32,11 @@ static int same_dtype_copy(ts_tensor *dst, const ts_tensor *src) {
     return cuda_check(cudaMemcpyAsync(ts_elem_ptr(dst), ts_elem_ptr(src), nbytes, cudaMemcpyDeviceToDevice, stream),
                       "copy");
   }
-  switch (ts_dtype_size(dst->dtype)) {
-  case 1: return raw_copy<1>(dst, src);
-  case 2: return raw_copy<2>(dst, src);
-  case 4: return raw_copy<4>(dst, src);
-  default: return raw_copy<8>(dst, src);
-  }
+  const ts_tensor *ops[2] = {dst, src};
+  return cuda_dispatch_size(dst->dtype, [&](auto e) {
+    using T = typename decltype(e)::type;
+    return cuda_foreach("copy", ops, raw_copy_op<T>{(T *)ts_elem_ptr(dst), (const T *)ts_elem_ptr(src)});
+  });
 }
 
 extern "C" int cuda_copy(ts_tensor *dst, const ts_tensor *src) {
@@ -73,14 +59,6 @@ template <typename T> struct fill_op {
 };
 } // namespace
 
-template <int SIZE> static int fill_raw(ts_tensor *dst, const char *bytes) {
-  using T = typename raw_element<SIZE>::type;
-  T value;
-  memcpy(&value, bytes, SIZE);
-  const ts_tensor *ops[1] = {dst};
-  return cuda_foreach("fill_", ops, fill_op<T>{(T *)ts_elem_ptr(dst), value});
-}
-
 extern "C" int cuda_fill(ts_tensor *dst, double value) {
   char bytes[8] = {0};
   cpu_store_f64(dst->dtype, bytes, value);
@@ -91,12 +69,13 @@ extern "C" int cuda_fill(ts_tensor *dst, double value) {
     size_t nbytes = (size_t)ts_numel(dst) * (size_t)ts_dtype_size(dst->dtype);
     return cuda_check(cudaMemsetAsync(ts_elem_ptr(dst), 0, nbytes, stream), "fill_");
   }
-  switch (ts_dtype_size(dst->dtype)) {
-  case 1: return fill_raw<1>(dst, bytes);
-  case 2: return fill_raw<2>(dst, bytes);
-  case 4: return fill_raw<4>(dst, bytes);
-  default: return fill_raw<8>(dst, bytes);
-  }
+  const ts_tensor *ops[1] = {dst};
+  return cuda_dispatch_size(dst->dtype, [&](auto e) {
+    using T = typename decltype(e)::type;
+    T raw;
+    memcpy(&raw, bytes, sizeof raw);
+    return cuda_foreach("fill_", ops, fill_op<T>{(T *)ts_elem_ptr(dst), raw});
+  });
 }
 
 // ---- arange --------------------------------------------------------------------------------------

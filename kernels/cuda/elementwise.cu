@@ -326,12 +326,8 @@ extern "C" int cuda_where(ts_tensor *out, const ts_tensor *cond, const ts_tensor
     return ts_set_error(TS_ERR_DTYPE, "where: the cuda kernel takes a bool condition and values of the output's "
                         "dtype %s, got %s, %s and %s", ts_dtype_name(out->dtype), ts_dtype_name(cond->dtype),
                         ts_dtype_name(a->dtype), ts_dtype_name(b->dtype));
-  switch (ts_dtype_size(out->dtype)) {
-  case 1: return run_where<uint8_t>(out, cond, a, b);
-  case 2: return run_where<uint16_t>(out, cond, a, b);
-  case 4: return run_where<uint32_t>(out, cond, a, b);
-  default: return run_where<uint64_t>(out, cond, a, b);
-  }
+  return cuda_dispatch_size(out->dtype,
+                            [&](auto e) { return run_where<typename decltype(e)::type>(out, cond, a, b); });
 }
 
 // ---- clamp ---------------------------------------------------------------------------------------

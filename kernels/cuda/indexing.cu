@@ -25,21 +25,6 @@ extern "C" {
 #include <thrust/iterator/counting_iterator.h>
 
 namespace {
-// Same-dtype moves copy raw elements of this size.
-template <int SIZE> struct raw_element;
-template <> struct raw_element<1> { using type = uint8_t; };
-template <> struct raw_element<2> { using type = uint16_t; };
-template <> struct raw_element<4> { using type = uint32_t; };
-template <> struct raw_element<8> { using type = uint64_t; };
-
-template <typename F> int dispatch_size(int dtype, F &&f) {
-  switch (ts_dtype_size(dtype)) {
-  case 1: return f(raw_element<1>{});
-  case 2: return f(raw_element<2>{});
-  case 4: return f(raw_element<4>{});
-  default: return f(raw_element<8>{});
-  }
-}
 
 // ---- where each write or read goes ---------------------------------------------------------------
 // Both geometries number their items row-major over a shape of at most TS_MAX_DIMS dims and give
@@ -185,7 +170,7 @@ template <typename G> int run_read(const char *op, int64_t n, const G &g, const 
   if (n == 0) return TS_OK;
   cudaStream_t stream;
   if (cuda_stream_for(op, a->device.index, &stream)) return ts_last_status();
-  return dispatch_size(a->dtype, [&](auto e) {
+  return cuda_dispatch_size(a->dtype, [&](auto e) {
     using T = typename decltype(e)::type;
     read_kernel<T, G><<<cuda_blocks(n), CUDA_THREADS, 0, stream>>>(n, g, (const T *)ts_elem_ptr(a),
                                                                    (T *)ts_elem_ptr(other));
@@ -206,7 +191,7 @@ int replace_with(const char *op, int64_t n, const G &g, ts_tensor *a, const ts_t
     st = cuda_check(cudaGetLastError(), op);
   }
   if (!st)
-    st = dispatch_size(a->dtype, [&](auto e) {
+    st = cuda_dispatch_size(a->dtype, [&](auto e) {
       using T = typename decltype(e)::type;
       store_winners_kernel<T, K, G><<<cuda_blocks(n), CUDA_THREADS, 0, stream>>>(
           n, g, winner, (T *)ts_elem_ptr(a), (const T *)ts_elem_ptr(src));
@@ -224,15 +209,6 @@ template <typename G> int run_replace(const char *op, int64_t n, const G &g, ts_
   return replace_with<unsigned long long>(op, n, g, a, src, stream);
 }
 
-int bit_width(uint64_t v) {
-  int bits = 0;
-  while (v) {
-    bits++;
-    v >>= 1;
-  }
-  return bits;
-}
-
 // n writes added into a (contiguous, a compute dtype), each target's in item order.
 template <typename G> int run_accumulate(const char *op, int64_t n, const G &g, ts_tensor *a, const ts_tensor *src) {
   if (n == 0) return TS_OK;
@@ -245,7 +221,7 @@ template <typename G> int run_accumulate(const char *op, int64_t n, const G &g, 
   uint64_t *targets = buf, *items = buf + n, *sorted_targets = buf + 2 * n, *sorted_items = buf + 3 * n;
   pair_kernel<G><<<cuda_blocks(n), CUDA_THREADS, 0, stream>>>(n, g, targets, items);
   int st = cuda_check(cudaGetLastError(), op);
-  int bits = bit_width((uint64_t)(ts_numel(a) - 1));
+  int bits = cuda_bit_width((uint64_t)(ts_numel(a) - 1));
   if (!st) st = cuda_sort_pairs_u64(targets, sorted_targets, items, sorted_items, n, bits > 0 ? bits : 1, device, op);
   if (!st)
     st = cuda_dispatch_dtype(op, a->dtype, [&](auto tag) {
@@ -378,7 +354,7 @@ extern "C" int cuda_masked_fill(ts_tensor *a, const ts_tensor *mask, double valu
   char bytes[8] = {0};
   cpu_store_f64(a->dtype, bytes, value);
   const ts_tensor *ops[2] = {a, mask};
-  return dispatch_size(a->dtype, [&](auto e) {
+  return cuda_dispatch_size(a->dtype, [&](auto e) {
     using T = typename decltype(e)::type;
     T v;
     memcpy(&v, bytes, sizeof v);

@@ -48,6 +48,30 @@ template <typename F> int cuda_dispatch_dtype(const char *op, int dtype, F &&f) 
   }
 }
 
+// Moves that do not convert (same-dtype copies, fills, gathers) handle elements as raw unsigned
+// integers of their size, NaN payloads kept: cuda_dispatch_size calls f(cuda_raw_element<size>{}).
+template <int SIZE> struct cuda_raw_element;
+template <> struct cuda_raw_element<1> { using type = uint8_t; };
+template <> struct cuda_raw_element<2> { using type = uint16_t; };
+template <> struct cuda_raw_element<4> { using type = uint32_t; };
+template <> struct cuda_raw_element<8> { using type = uint64_t; };
+
+template <typename F> int cuda_dispatch_size(int dtype, F &&f) {
+  switch (ts_dtype_size(dtype)) {
+  case 1: return f(cuda_raw_element<1>{});
+  case 2: return f(cuda_raw_element<2>{});
+  case 4: return f(cuda_raw_element<4>{});
+  default: return f(cuda_raw_element<8>{});
+  }
+}
+
+// The number of bits v needs (0 for 0): the key width a radix sort of values up to v must cover.
+static inline int cuda_bit_width(uint64_t v) {
+  int bits = 0;
+  for (; v; v >>= 1) bits++;
+  return bits;
+}
+
 __host__ __device__ constexpr bool cuda_is_floating(int dt) { return dt == TS_F32 || dt == TS_F64 || dt == TS_F16 || dt == TS_BF16; }
 
 // Compute values <-> storage: float16/bfloat16 widen exactly and narrow with round to nearest even

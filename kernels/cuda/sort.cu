@@ -96,15 +96,6 @@ __global__ void take_sorted_kernel(int64_t total, int64_t out_len, int64_t row_l
   }
 }
 
-int bit_width(uint64_t v) {
-  int bits = 0;
-  while (v) {
-    bits++;
-    v >>= 1;
-  }
-  return bits;
-}
-
 // Stable ascending radix sort of (key, value) pairs by the low `bits` bits of the keys.
 template <typename K>
 int sort_pairs(const K *keys_in, K *keys_out, const uint64_t *values_in, uint64_t *values_out, int64_t n, int bits,
@@ -151,7 +142,7 @@ int order_rows(const char *op, ts_tensor *values, ts_tensor *indices, const ts_t
   if (!st && rows > 1) {
     row_of_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, stream>>>(n, row_length, order, row_ids);
     st = cuda_check(cudaGetLastError(), op);
-    if (!st) st = sort_pairs<uint64_t>(row_ids, sorted_rows, order, numbers, n, bit_width((uint64_t)(rows - 1)), device, op);
+    if (!st) st = sort_pairs<uint64_t>(row_ids, sorted_rows, order, numbers, n, cuda_bit_width((uint64_t)(rows - 1)), device, op);
     final_order = numbers;
   }
   if (!st) {
