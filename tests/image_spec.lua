@@ -7,20 +7,11 @@ local S = require 'support'
 local values = S.values
 
 -- ---- a scratch directory -------------------------------------------------------------------------
-local dir = os.tmpname()
-os.remove(dir)
-assert(os.execute('mkdir -p ' .. dir) == 0)
+local dir = S.tmpdir()
 local function path(name) return dir .. '/' .. name end
 local function write_file(name, bytes) return S.write_file(path(name), bytes) end
 local read_file = S.read_file
-local function listing()
-  local p = io.popen('ls -A ' .. dir)
-  local names = {}
-  for l in p:lines() do names[#names + 1] = l end
-  p:close()
-  table.sort(names)
-  return names
-end
+local function listing() return S.list_dir(dir) end
 teardown(function() os.execute('rm -rf ' .. dir) end)
 
 -- ---- building PNG files --------------------------------------------------------------------------

@@ -34,7 +34,7 @@ local function chi_square(counts)
 end
 
 -- ---- the reference files -----------------------------------------------------------------------
-local REF = '../shared/ref/'
+local REF = S.REF
 
 -- A minimal safetensors reader, used only when tessera.serialize (T.load) is not there.
 local SAFETENSORS_DTYPES = { F32 = 'float32', I64 = 'int64', U8 = 'uint8' }

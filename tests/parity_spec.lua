@@ -5,14 +5,10 @@
 local each = require 'tessera.each'
 local T = require 'tessera'
 local P = require 'tessera.parity'
+local S = require 'support'
 
-local REF = '../shared/ref/'
-local ref_files = {}
-do
-  local pipe = io.popen('ls ' .. REF .. '*.safetensors 2>/dev/null')
-  for line in pipe:lines() do ref_files[#ref_files + 1] = line end
-  pipe:close()
-end
+local REF = S.REF
+local ref_files = S.ref_files()
 
 describe('parity with the official implementation', function()
   if #ref_files == 0 then

@@ -17,14 +17,6 @@ local read_file = S.read_file
 
 local write_file = S.write_file
 
-local function list_dir(d)
-  local p = io.popen('ls -A ' .. d)
-  local names = {}
-  for line in p:lines() do names[#names + 1] = line end
-  p:close()
-  table.sort(names)
-  return names
-end
 
 local function u64le(n)
   local bytes = {}
@@ -368,7 +360,7 @@ describe('atomic saving', function()
 
   local function assert_untouched()
     assert(read_file(p) == original, 'the existing file changed')
-    for _, name in ipairs(list_dir(dir)) do assert(not name:find('.tmp.', 1, true), 'temporary file left: ' .. name) end
+    for _, name in ipairs(S.list_dir(dir)) do assert(not name:find('.tmp.', 1, true), 'temporary file left: ' .. name) end
   end
 
   it('leaves an existing file intact when a value is not a tensor', function()
@@ -409,7 +401,7 @@ describe('atomic saving', function()
     local t = T.load(p)
     assert.is_nil(t.x)
     assert.are.same({ 2, 2 }, t.y.shape)
-    for _, name in ipairs(list_dir(dir)) do assert(not name:find('.tmp.', 1, true), name) end
+    for _, name in ipairs(S.list_dir(dir)) do assert(not name:find('.tmp.', 1, true), name) end
   end)
 
   it('checks its arguments', function()
@@ -526,7 +518,7 @@ end)
 
 -- ---- the reference checkpoints ----------------------------------------------------------------------
 describe('reference files in ../shared/ref', function()
-  local REF = '../shared/ref/'
+  local REF = S.REF
   -- from ../shared/ref/README.md: tensors, output.loss, model class
   local known = {
     ummae_swin_tiny = { 365, 1.0830875635147095, 'MaskedAutoencoderSwin' },
@@ -539,16 +531,9 @@ describe('reference files in ../shared/ref', function()
     cls_pvt_tiny = { 219, 4.568004608154297, 'PVT' },
   }
 
-  local function ref_files()
-    local p = io.popen('ls ' .. REF .. '*.safetensors 2>/dev/null')
-    local files = {}
-    for line in p:lines() do files[#files + 1] = line end
-    p:close()
-    return files
-  end
 
   it('loads every file with the documented tensor counts, losses and metadata', function()
-    local files = ref_files()
+    local files = S.ref_files()
     if #files == 0 then return pending('no reference files in ' .. REF) end
     for _, file in ipairs(files) do
       local stem = file:match('([^/]+)%.safetensors$')

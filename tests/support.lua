@@ -79,6 +79,26 @@ function S.tmpdir()
   return dir
 end
 
+-- The lines a shell command prints, in order.
+function S.lines_of(command)
+  local pipe = assert(io.popen(command))
+  local lines = {}
+  for line in pipe:lines() do lines[#lines + 1] = line end
+  pipe:close()
+  return lines
+end
+
+-- The names in a directory, hidden ones too, sorted.
+function S.list_dir(dir)
+  local names = S.lines_of("ls -A '" .. dir .. "'")
+  table.sort(names)
+  return names
+end
+
+-- The official implementation's reference files (see ../shared/ref/README.md); none when absent.
+S.REF = '../shared/ref/'
+function S.ref_files() return S.lines_of('ls ' .. S.REF .. '*.safetensors 2>/dev/null') end
+
 -- Asserts |a - b| <= atol + rtol * |b| elementwise (a: tensor or list/number, b: the reference).
 function S.assert_close(actual, expected, rtol, atol, what)
   rtol, atol = rtol or 1e-6, atol or 1e-9
