@@ -44,6 +44,7 @@ void data_scratch_free(data_scratch *s) {
   free(s->coeffs);
   free(s->weights);
   free(s->bounds);
+  free(s->acc);
   memset(s, 0, sizeof *s);
 }
 
