@@ -200,7 +200,7 @@ ts_tensor *ts_grad(const ts_tensor *t) {
 }
 
 int ts_set_grad(ts_tensor *t, ts_tensor *g) {
-  if (g && (g->ndim != t->ndim || memcmp(g->shape, t->shape, (size_t)t->ndim * sizeof(int64_t)) ||
+  if (g && (!ts_shape_equal(g->ndim, g->shape, t->ndim, t->shape) ||
             g->dtype != t->dtype || !ts_device_equal(g->device, t->device)))
     return ts_set_error(TS_ERR_SHAPE, "set grad: gradient %s %s does not match the tensor %s %s", ts_dtype_name(g->dtype),
                         ts_tshape(g), ts_dtype_name(t->dtype), ts_tshape(t));
@@ -290,7 +290,7 @@ static int accumulate(ts_tensor **slot, ts_tensor *g, int steal) {
 
 static int check_grad_shape(const ts_node *n, int k, const ts_tensor *g) {
   const ts_edge *e = &n->edges[k];
-  if (g->ndim != e->ndim || memcmp(g->shape, e->shape, (size_t)e->ndim * sizeof(int64_t)))
+  if (!ts_shape_equal(g->ndim, g->shape, e->ndim, e->shape))
     return ts_set_error(TS_ERR_SHAPE, "%s backward: gradient %s for input %d of shape %s", n->name, ts_tshape(g), k,
                         ts_shape_str(e->ndim, e->shape));
   /* a leaf would silently get its .grad on another device (PyTorch's validate_outputs refuses too) */
@@ -353,7 +353,7 @@ int ts_backward(ts_tensor *root, ts_tensor *grad, int retain_graph) {
     return ts_set_error(TS_ERR_ARG, "backward: the tensor %s does not require grad and has no grad_fn", ts_tshape(root));
   ts_tensor *g = grad;
   if (g) {
-    if (g->ndim != root->ndim || memcmp(g->shape, root->shape, (size_t)root->ndim * sizeof(int64_t)))
+    if (!ts_shape_equal(g->ndim, g->shape, root->ndim, root->shape))
       return ts_set_error(TS_ERR_SHAPE, "backward: gradient %s does not match the tensor %s", ts_tshape(g), ts_tshape(root));
     if (!ts_device_equal(g->device, root->device)) /* a leaf root would keep it as its .grad */
       return ts_set_error(TS_ERR_DEVICE, "backward: the gradient is on %s but the tensor is on %s",

@@ -97,7 +97,7 @@ fail:
 static ts_tensor *as_operand(ts_tensor *t, int dtype, int ndim, const int64_t *shape) {
   ts_tensor *conv = ts_to_dtype(t, dtype);
   if (!conv) return NULL;
-  if (conv->ndim == ndim && !memcmp(conv->shape, shape, (size_t)ndim * sizeof *shape)) return conv; /* no view needed */
+  if (ts_shape_equal(conv->ndim, conv->shape, ndim, shape)) return conv; /* no view needed */
   ts_tensor *view = ts_expand(conv, ndim, shape);
   ts_release(conv);
   return view;
@@ -333,7 +333,7 @@ static int check_recorded_inplace(int op, ts_tensor *a, ts_tensor *b, int b_dtyp
                         ts_dtype_name(result), ts_dtype_name(a->dtype));
   int64_t shape[TS_MAX_DIMS];
   if (ts_broadcast_shapes(name, a, b, &ndim, shape)) return ts_last_status();
-  if (ndim != a->ndim || memcmp(shape, a->shape, (size_t)ndim * sizeof *shape))
+  if (!ts_shape_equal(ndim, shape, a->ndim, a->shape))
     return ts_set_error(TS_ERR_SHAPE, "%s_: the result %s of broadcasting %s and %s does not fit the in-place tensor %s",
                         name, ts_shape_str(ndim, shape), ts_tshape(a), ts_tshape(b), ts_tshape(a));
   return TS_OK;

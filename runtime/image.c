@@ -14,9 +14,6 @@
 #include <string.h>
 #include <unistd.h>
 
-/* Allocation sizes: malloc(0) may return NULL, which would read as out of memory. */
-static size_t at_least_one(int64_t count) { return count > 0 ? (size_t)count : 1; }
-
 enum { PNG_SIGNATURE_BYTES = 8, MESSAGE_BYTES = 256 };
 
 typedef struct {
@@ -78,7 +75,7 @@ static int read_png(png_ctx *c) {
   if (png_get_rowbytes(c->png, c->info) != (size_t)(shape[1] * shape[2]))
     png_error(c->png, "unexpected row layout after conversion to 8-bit samples");
   c->image = ts_empty(3, shape, TS_U8, ts_cpu());
-  c->rows = c->image ? malloc(at_least_one(shape[0]) * sizeof *c->rows) : NULL;
+  c->rows = c->image ? malloc(ts_at_least_one(shape[0]) * sizeof *c->rows) : NULL;
   if (!c->rows) {
     c->out_of_memory = 1;
     png_error(c->png, "out of memory for the decoded image");
@@ -128,8 +125,8 @@ ts_tensor *ts_png_read(const char *path) {
 /* img as 8-bit samples [H, W, C] on the host: uint8 copied, floats clamped to [0, 1], times 255,
    rounded to nearest. */
 static uint8_t *samples_of(const char *op, ts_tensor *img, int64_t count) {
-  uint8_t *out = malloc(at_least_one(count));
-  float *values = img->dtype == TS_U8 ? NULL : malloc(at_least_one(count) * sizeof(float));
+  uint8_t *out = malloc(ts_at_least_one(count));
+  float *values = img->dtype == TS_U8 ? NULL : malloc(ts_at_least_one(count) * sizeof(float));
   if (!out || (img->dtype != TS_U8 && !values)) {
     free(out);
     free(values);

@@ -32,14 +32,8 @@ static int check_writable(const char *op, const ts_tensor *t) {
   return TS_OK;
 }
 
-/* Whether a broadcast shape is exactly `want`: what was broadcast against it (a mask, values) fits
-   in it without growing it. */
-static int is_shape(int ndim, const int64_t *shape, int want_ndim, const int64_t *want) {
-  if (ndim != want_ndim) return 0;
-  for (int d = 0; d < ndim; d++)
-    if (shape[d] != want[d]) return 0;
-  return 1;
-}
+/* A broadcast shape that is exactly the target's (ts_shape_equal): what was broadcast against it (a
+   mask, values) fits in it without growing it. */
 
 static int is_index_dtype(int dtype) { return dtype == TS_I64 || dtype == TS_I32; }
 
@@ -443,7 +437,7 @@ static int scatter_into(const char *op, ts_tensor *a, int dim, ts_tensor *index,
 static ts_tensor *src_grad(ts_scope *s, ts_node *n, ts_tensor *g, int dim, ts_tensor *index) {
   const ts_edge *e = ts_node_input(n, 1);
   ts_tensor *picked = ts_scope_keep(s, ts_gather(g, dim, index));
-  if (!picked || is_shape(e->ndim, e->shape, index->ndim, index->shape)) return picked;
+  if (!picked || ts_shape_equal(e->ndim, e->shape, index->ndim, index->shape)) return picked;
   ts_tensor *full = ts_scope_keep(s, zeros_like_input(n, 1, g)), *used = full;
   if (used) ts_retain(used);
   for (int d = 0; used && d < e->ndim; d++) {
@@ -524,7 +518,7 @@ static int check_mask_fits(const char *op, const ts_tensor *a, const ts_tensor *
   int ndim;
   int64_t shape[TS_MAX_DIMS];
   if (ts_broadcast_shapes(op, a, mask, &ndim, shape)) return ts_last_status();
-  if (!is_shape(ndim, shape, a->ndim, a->shape))
+  if (!ts_shape_equal(ndim, shape, a->ndim, a->shape))
     return ts_set_error(TS_ERR_SHAPE, "%s: mask %s cannot be broadcast to the tensor's shape %s", op, ts_tshape(mask),
                         ts_tshape(a));
   return TS_OK;
@@ -764,7 +758,7 @@ static ts_tensor *put_values(const index_plan *p, ts_tensor *values, const ts_te
   for (int d = 0; d < ndim; d++) probe.shape[d] = shape[d];
   int bn;
   int64_t bshape[TS_MAX_DIMS];
-  if (ts_broadcast_shapes("index_put_", &probe, values, &bn, bshape) || !is_shape(bn, bshape, ndim, shape))
+  if (ts_broadcast_shapes("index_put_", &probe, values, &bn, bshape) || !ts_shape_equal(bn, bshape, ndim, shape))
     return TS_FAIL_NULL(TS_ERR_SHAPE, "index_put_: values of shape %s cannot be broadcast to the indexed shape %s",
                         ts_tshape(values), ts_shape_str(ndim, shape));
   ts_tensor *conv = source_operand(values, work, dtype);

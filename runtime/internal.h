@@ -50,6 +50,15 @@ const char *ts_device_str(ts_device dev);
 /* ---- helpers used across the runtime --------------------------------------------------------- */
 int ts_wrap_dim(const char *op, int dim, int ndim, int *out);    /* negative dims; errors name op */
 int64_t ts_shape_numel(int ndim, const int64_t *shape);
+/* Whether shape (ndim dims) is exactly want (want_ndim dims). */
+static inline int ts_shape_equal(int ndim, const int64_t *shape, int want_ndim, const int64_t *want) {
+  if (ndim != want_ndim) return 0;
+  for (int d = 0; d < ndim; d++)
+    if (shape[d] != want[d]) return 0;
+  return 1;
+}
+/* Allocation sizes: malloc(0) may return NULL, which would read as out of memory. */
+static inline size_t ts_at_least_one(int64_t count) { return count > 0 ? (size_t)count : 1; }
 int ts_check_shape(const char *op, int ndim, const int64_t *shape); /* rank, negatives, overflow */
 int ts_broadcast_shapes(const char *op, const ts_tensor *a, const ts_tensor *b, int *ndim, int64_t *shape);
 int ts_same_device(const char *op, const ts_tensor *a, const ts_tensor *b);

@@ -59,10 +59,6 @@ typedef struct {
   int64_t out_shape[TS_MAX_DIMS];
 } ce_layout;
 
-static int same_dims(const ts_tensor *t, int ndim, const int64_t *shape) {
-  return t->ndim == ndim && !memcmp(t->shape, shape, (size_t)ndim * sizeof(int64_t));
-}
-
 static int ce_shapes(const ts_tensor *logits, const ts_tensor *target, ce_layout *l) {
   int batched = logits->ndim >= 2;
   l->c = batched ? logits->shape[1] : logits->shape[0];
@@ -71,7 +67,8 @@ static int ce_shapes(const ts_tensor *logits, const ts_tensor *target, ce_layout
   l->out_ndim = logits->ndim - 1;
   for (int d = 0, k = 0; d < logits->ndim; d++)
     if (d != (batched ? 1 : 0)) l->out_shape[k++] = logits->shape[d];
-  if (l->soft ? same_dims(target, logits->ndim, logits->shape) : same_dims(target, l->out_ndim, l->out_shape))
+  if (l->soft ? ts_shape_equal(target->ndim, target->shape, logits->ndim, logits->shape)
+              : ts_shape_equal(target->ndim, target->shape, l->out_ndim, l->out_shape))
     return TS_OK;
   return ts_set_error(TS_ERR_SHAPE, "cross_entropy: %s target %s does not match the logits %s (expected %s)",
                       l->soft ? "a probability" : "a class-index", ts_tshape(target), ts_tshape(logits),

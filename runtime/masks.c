@@ -19,9 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Allocation sizes: malloc(0) may return NULL, which would read as out of memory. */
-static size_t at_least_one(int64_t count) { return count > 0 ? (size_t)count : 1; }
-
 /* Every mask here is one byte per patch. */
 static ts_tensor *new_mask_tensor(int64_t n, int64_t l, double fill, ts_device dev) {
   int64_t shape[2] = {n, l};
@@ -86,7 +83,7 @@ static ts_tensor *select_smallest(ts_tensor *keys, int64_t count, uint8_t chosen
 /* A host copy of t's values as doubles, in row-major order (caller frees). */
 static double *host_doubles(const char *op, ts_tensor *t) {
   int64_t n = ts_numel(t);
-  double *buf = malloc(at_least_one(n) * sizeof(double));
+  double *buf = malloc(ts_at_least_one(n) * sizeof(double));
   if (!buf) {
     ts_set_error(TS_ERR_MEMORY, "%s: out of host memory for %lld values", op, (long long)n);
     return NULL;
@@ -235,7 +232,7 @@ static uint8_t *read_primary(const char *op, ts_tensor *mask, int64_t *visible) 
                               ts_dtype_name(mask->dtype)), NULL;
   int64_t n = mask->shape[0], l = mask->shape[1];
   double *v = host_doubles(op, mask);
-  uint8_t *m = v ? malloc(at_least_one(n * l)) : NULL;
+  uint8_t *m = v ? malloc(ts_at_least_one(n * l)) : NULL;
   if (v && !m) ts_set_error(TS_ERR_MEMORY, "%s: out of host memory", op);
   for (int64_t i = 0; m && i < n; i++) {
     int64_t vis = 0;
@@ -294,7 +291,7 @@ static double *secondary_noise(const char *op, ts_tensor *noise, int64_t n, int6
 /* Swin/PVT: sort all patches by mask + noise; the first K have new_mask 0. With noise in [0, 1),
    that is: the K visible patches with the smallest noise stay. */
 static ts_tensor *secondary_swin(const char *op, const uint8_t *m, const double *noise, int64_t n, int64_t l, int64_t keep) {
-  double *keys = malloc(at_least_one(n * l) * sizeof(double));
+  double *keys = malloc(ts_at_least_one(n * l) * sizeof(double));
   if (!keys) return TS_FAIL_NULL(TS_ERR_MEMORY, "%s: out of host memory", op);
   for (int64_t i = 0; i < n * l; i++) keys[i] = m[i] + noise[i];
   int64_t shape[2] = {n, l};
@@ -310,7 +307,7 @@ static ts_tensor *secondary_swin(const char *op, const uint8_t *m, const double 
 static ts_tensor *secondary_vit(const char *op, const uint8_t *m, const double *noise, int64_t n, int64_t l, int64_t v,
                                 int64_t keep) {
   ts_tensor *out = new_mask_tensor(n, l, 1, ts_cpu());
-  keyed *order = out ? malloc(at_least_one(v) * sizeof *order) : NULL;
+  keyed *order = out ? malloc(ts_at_least_one(v) * sizeof *order) : NULL;
   if (out && !order) ts_set_error(TS_ERR_MEMORY, "%s: out of host memory", op);
   if (!order) {
     ts_release(out);
@@ -418,7 +415,7 @@ static int check_compact(const char *op, const ts_tensor *x, const ts_tensor *ma
 static ts_tensor *kept_patches(const char *op, ts_tensor *mask, int64_t hp, int64_t wp, ts_device dev) {
   int64_t n = mask->shape[0], gw = wp / 2, groups = (hp / 2) * gw;
   double *v = host_doubles(op, mask);
-  int64_t *src = v ? malloc(at_least_one(n * groups) * sizeof(int64_t)) : NULL;
+  int64_t *src = v ? malloc(ts_at_least_one(n * groups) * sizeof(int64_t)) : NULL;
   if (v && !src) ts_set_error(TS_ERR_MEMORY, "%s: out of host memory", op);
   for (int64_t i = 0; src && i < n; i++)
     for (int64_t g = 0; g < groups; g++) {

@@ -27,7 +27,7 @@ int ts_nn_check_param(const char *op, const char *what, const ts_tensor *x, cons
     return ts_set_error(TS_ERR_DTYPE, "%s: %s must be a floating-point tensor, got %s", op, what,
                         ts_dtype_name(p->dtype));
   if (ts_same_device(op, x, p)) return ts_last_status();
-  if (p->ndim != ndim || memcmp(p->shape, shape, (size_t)ndim * sizeof(int64_t)))
+  if (!ts_shape_equal(p->ndim, p->shape, ndim, shape))
     return ts_set_error(TS_ERR_SHAPE, "%s: %s has shape %s, expected %s for the input %s", op, what, ts_tshape(p),
                         ts_shape_str(ndim, shape), ts_tshape(x));
   return TS_OK;

@@ -20,10 +20,6 @@
 /* ---- argument checks ------------------------------------------------------------------------- */
 static int state_dtype(int param_dtype) { return param_dtype == TS_F64 ? TS_F64 : TS_F32; }
 
-static int same_shape(const ts_tensor *a, const ts_tensor *b) {
-  return a->ndim == b->ndim && !memcmp(a->shape, b->shape, (size_t)a->ndim * sizeof(int64_t));
-}
-
 static int check_count(const char *op, int n, const void *first_array, const char *array_name) {
   if (n < 0) return ts_set_error(TS_ERR_ARG, "%s: the number of tensors must be non-negative, got %d", op, n);
   if (n > 0 && !first_array) return ts_set_error(TS_ERR_ARG, "%s: %d tensors announced but %s is NULL", op, n, array_name);
@@ -56,7 +52,7 @@ static int check_param(const char *op, int k, const ts_tensor *p) {
 /* t must match param k in shape and device, and have `dtype`. */
 static int check_companion(const char *op, const char *what, int k, const ts_tensor *t, const ts_tensor *p, int dtype) {
   if (!t) return ts_set_error(TS_ERR_ARG, "%s: %s %d is NULL", op, what, k);
-  if (!same_shape(t, p))
+  if (!ts_shape_equal(t->ndim, t->shape, p->ndim, p->shape))
     return ts_set_error(TS_ERR_SHAPE, "%s: %s %d has shape %s but param %d has shape %s", op, what, k, ts_tshape(t),
                         k, ts_tshape(p));
   if (t->dtype != dtype)
