@@ -62,7 +62,8 @@ extern "C" int cuda_linear_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb,
   const char *op = "linear backward";
   int64_t m = g->shape[0], n = g->shape[1];
   int device = g->device.index, dtype = g->dtype;
-  if (cuda_check_floating_alike(op, g, g)) return ts_last_status();
+  const ts_tensor *all[6] = {g, gx, gw, gb, x, w};
+  if (cuda_check_floating_alike(op, all, 6)) return ts_last_status();
   cuda_matrix gm = {ts_elem_ptr(g), false, n > 0 ? n : 1, 0};
   if (gx && ts_numel(gx) > 0) { // gx [m, k] = g [m, n] @ w [n, k]
     int64_t k = gx->shape[1];
