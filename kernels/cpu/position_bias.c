@@ -11,13 +11,13 @@
  * blocks: padded keys have zero features and zero output gradient, so they contribute nothing.
  *
  * Work is split over windows. The weight gradients are sums over every (window, i, j): a task keeps
- * them per lane in the compute dtype, folds them into float64 after each window (a lane then sums
- * at most N²/LANES terms) and adds its float64 sums into the result under a lock at its end. */
+ * them per lane in the compute dtype and folds them into float64 after each window (a lane then sums
+ * at most N²/LANES terms). The windows are cut into chunks that depend on the sizes only, each with
+ * its own float64 sums, added up in chunk order: the gradients do not depend on the thread count. */
 #include "cpu.h"
 #include "fastmath.h"
 
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -51,11 +51,12 @@ typedef struct {
   int64_t padded;                                   /* N rounded up to whole blocks of LANES */
   const char *pos, *w1, *b1, *w2, *b2, *g;          /* b1, b2 may be NULL */
   char *out;
-  /* backward: gpos (NULL when not wanted) and the weight gradients' float64 sums over all tasks
-     (w1 [P][C], b1 [P], w2 [H][P], b2 [H], one after the other; NULL when none is wanted) */
+  /* backward: gpos (NULL when not wanted) and the weight gradients' float64 sums of each of `chunks`
+     chunks of windows (per chunk w1 [P][C], b1 [P], w2 [H][P], b2 [H], one after the other; NULL
+     when none is wanted), added up in chunk order so that the result does not depend on threads */
   char *gpos;
-  double *sums;
-  pthread_mutex_t lock;
+  double *partial;
+  int64_t chunks;
   int failed;
 } pb_plan;
 
@@ -223,39 +224,32 @@ static void forward_range(int64_t begin, int64_t end, void *arg) {
   free(scratch);
 }
 
-static void merge_sums(pb_plan *p, const double *local, int64_t n) {
-  pthread_mutex_lock(&p->lock);
-  for (int64_t k = 0; k < n; k++) p->sums[k] += local[k];
-  pthread_mutex_unlock(&p->lock);
-}
-
-static void backward_range(int64_t begin, int64_t end, void *arg) {
+/* Chunks [begin, end): each chunk's windows in order, their weight sums into the chunk's partial. */
+static void backward_chunks(int64_t begin, int64_t end, void *arg) {
   pb_task *t = arg;
   pb_plan *p = t->plan;
   size_t esz = (size_t)ts_dtype_size(t->dtype);
   int64_t count = sums_count(p), rows = (p->channels + 2 * p->hidden + p->heads + 1) * p->padded;
   char *scratch = calloc(scratch_count(p), esz); /* the lane sums start at zero */
-  double *sums = p->sums ? calloc((size_t)count, sizeof(double)) : NULL;
-  if (!scratch || (p->sums && !sums)) {
+  if (!scratch) {
     mark_failed(p);
-    free(scratch);
-    free(sums);
     return;
   }
-  for (int64_t w = begin; w < end; w++) {
-    if (t->dtype == TS_F32) {
-      float *lanes = sums ? (float *)scratch + rows : NULL;
-      backward_window_f32(p, w, (float *)scratch, lanes);
-      if (lanes) fold_lanes_f32(lanes, sums, count);
-    } else {
-      double *lanes = sums ? (double *)scratch + rows : NULL;
-      backward_window_f64(p, w, (double *)scratch, lanes);
-      if (lanes) fold_lanes_f64(lanes, sums, count);
+  for (int64_t k = begin; k < end; k++) {
+    double *sums = p->partial ? p->partial + k * count : NULL;
+    for (int64_t w = p->windows * k / p->chunks; w < p->windows * (k + 1) / p->chunks; w++) {
+      if (t->dtype == TS_F32) {
+        float *lanes = sums ? (float *)scratch + rows : NULL;
+        backward_window_f32(p, w, (float *)scratch, lanes);
+        if (lanes) fold_lanes_f32(lanes, sums, count);
+      } else {
+        double *lanes = sums ? (double *)scratch + rows : NULL;
+        backward_window_f64(p, w, (double *)scratch, lanes);
+        if (lanes) fold_lanes_f64(lanes, sums, count);
+      }
     }
   }
-  if (sums) merge_sums(p, sums, count);
   free(scratch);
-  free(sums);
 }
 
 /* ---- entry points ------------------------------------------------------------------------------ */
@@ -274,9 +268,14 @@ static void plan_init(pb_plan *p, const ts_tensor *pos, const ts_tensor *w1, con
   p->w2 = ts_elem_ptr(w2);
 }
 
-/* Windows per task: at least about 2^18 multiply-adds (the hidden layer and the output layer). */
+/* Multiply-adds of one window (the hidden layer and the output layer). */
+static int64_t window_work(const pb_plan *p) {
+  return p->tokens * p->padded * p->hidden * (p->channels + p->heads + 1);
+}
+
+/* Windows per task: at least about 2^18 multiply-adds. */
 static int64_t window_grain(const pb_plan *p) {
-  double work = (double)p->tokens * (double)p->padded * (double)p->hidden * (double)(p->channels + p->heads + 1);
+  double work = (double)window_work(p);
   return work >= (1 << 18) ? 1 : (int64_t)((1 << 18) / (work > 1 ? work : 1));
 }
 
@@ -299,16 +298,19 @@ int cpu_position_bias(ts_tensor *out, const ts_tensor *pos, const ts_tensor *w1,
   return TS_OK;
 }
 
-/* Writes the float64 sums into the weight gradients that are wanted (w1, b1, w2, b2 in turn). */
-static void store_sums(const double *sums, ts_tensor *const outs[4], const int64_t counts[4]) {
-  for (int k = 0; k < 4; k++) {
-    for (int64_t e = 0; outs[k] && e < counts[k]; e++) {
+/* Writes the chunks' float64 sums, added in chunk order, into the weight gradients that are wanted
+   (w1, b1, w2, b2 in turn). */
+static void store_sums(const pb_plan *p, ts_tensor *const outs[4], const int64_t counts[4]) {
+  int64_t count = sums_count(p), first = 0;
+  for (int k = 0; k < 4; first += counts[k], k++) {
+    for (int64_t e = first; outs[k] && e < first + counts[k]; e++) {
+      double s = 0;
+      for (int64_t c = 0; c < p->chunks; c++) s += p->partial[c * count + e];
       if (outs[k]->dtype == TS_F32)
-        ((float *)ts_elem_ptr(outs[k]))[e] = (float)sums[e];
+        ((float *)ts_elem_ptr(outs[k]))[e - first] = (float)s;
       else
-        ((double *)ts_elem_ptr(outs[k]))[e] = sums[e];
+        ((double *)ts_elem_ptr(outs[k]))[e - first] = s;
     }
-    sums += counts[k];
   }
 }
 
@@ -322,18 +324,17 @@ int cpu_position_bias_backward(ts_tensor *gpos, ts_tensor *gw1, ts_tensor *gb1, 
   p.g = ts_elem_ptr(g);
   p.gpos = gpos ? ts_elem_ptr(gpos) : NULL;
   if (gpos) memset(p.gpos, 0, (size_t)ts_numel(gpos) * (size_t)ts_dtype_size(gpos->dtype));
-  if ((gw1 || gb1 || gw2 || gb2) && !(p.sums = calloc((size_t)sums_count(&p), sizeof(double))))
+  p.chunks = cpu_row_chunks(p.windows, window_work(&p));
+  if ((gw1 || gb1 || gw2 || gb2) && !(p.partial = calloc((size_t)(p.chunks * sums_count(&p)), sizeof(double))))
     return ts_set_error(TS_ERR_MEMORY, "%s: out of memory for the weight gradients", op);
-  pthread_mutex_init(&p.lock, NULL);
   pb_task t = {&p, pos->dtype};
-  ts_parallel_for(p.windows, window_grain(&p), backward_range, &t);
-  pthread_mutex_destroy(&p.lock);
-  if (!p.failed && p.sums) {
+  ts_parallel_for(p.chunks, 1, backward_chunks, &t);
+  if (!p.failed && p.partial) {
     ts_tensor *outs[4] = {gw1, gb1, gw2, gb2};
     int64_t counts[4] = {p.hidden * p.channels, p.hidden, p.heads * p.hidden, p.heads};
-    store_sums(p.sums, outs, counts);
+    store_sums(&p, outs, counts);
   }
-  free(p.sums);
+  free(p.partial);
   if (p.failed) return ts_set_error(TS_ERR_MEMORY, "%s: out of memory for a worker's scratch rows", op);
   return TS_OK;
 }
