@@ -35,9 +35,8 @@ function method.masks(cfg, n, generator)
 end
 
 function method.step(model, imgs, mask)
-  local loss, pred = model(imgs, mask)
-  local order, visible = L.visible_first(mask)
-  return loss, L.take_rows(pred, order:narrow(1, visible, mask:size(1) - visible))
+  local loss, pred, extra = model(imgs, mask)
+  return loss, L.take_rows(pred, extra.removed)
 end
 
 return pretrain.recipe {

@@ -152,7 +152,7 @@ function MaskedAutoencoderPVT:forward(imgs, mask, opts)
   local new_mask = umd.secondary_mask(self, mask, opts)
   local latent = self:forward_encoder(imgs, mask, new_mask)
   local pred, removed = umd.forward_decoder(self, latent, mask)
-  return umd.loss(self, imgs, pred, mask, removed), pred, { latent = latent, new_mask = new_mask }
+  return umd.loss(self, imgs, pred, removed), pred, { latent = latent, new_mask = new_mask }
 end
 
 -- ---- SimMIM ----------------------------------------------------------------------------------------
@@ -194,7 +194,8 @@ function SimMIMPVT:forward(imgs, mask)
   x = x * (1 - w) + self.mask_token * w + self.pos_embed
   x = self.norm(run_blocks(self, x, G, G))
   local pred = umd.shuffle_predictions(self.decoder_pred(x))
-  return umd.simmim_loss(self, imgs, pred, mask), pred, { latent = x }
+  local loss, removed = umd.simmim_loss(self, imgs, pred, mask)
+  return loss, pred, { latent = x, removed = removed }
 end
 
 -- ---- the classifier --------------------------------------------------------------------------------

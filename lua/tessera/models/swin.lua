@@ -255,7 +255,7 @@ function MaskedAutoencoderSwin:forward(imgs, mask, opts)
   local new_mask = umd.secondary_mask(self, mask, opts)
   local latent = self:forward_encoder(imgs, mask, new_mask)
   local pred, removed = umd.forward_decoder(self, latent, mask)
-  local loss = umd.loss(self, imgs, pred, mask, removed)
+  local loss = umd.loss(self, imgs, pred, removed)
   return loss, pred, { latent = latent, new_mask = new_mask }
 end
 
@@ -296,7 +296,8 @@ function SimMIMSwin:forward(imgs, mask)
   x = x * (1 - w) + self.mask_token * w
   x = self.norm(run_blocks(self, x, L.position_grid(G, G, x.device)))
   local pred = umd.shuffle_predictions(self.decoder_pred(x))
-  return umd.simmim_loss(self, imgs, pred, mask), pred, { latent = x }
+  local loss, removed = umd.simmim_loss(self, imgs, pred, mask)
+  return loss, pred, { latent = x, removed = removed }
 end
 
 -- ---- the classifier ------------------------------------------------------------------------------

@@ -72,52 +72,46 @@ function D.visible_positions(model, pos_table, mask, pos_raster_visible)
 end
 
 -- latent [N, Lc, C] → predictions [N, L, stride^2 * 3]: the visible tokens (group order), then
--- the removed patches (raster order). Also returns the number of removed patches.
+-- the removed patches (raster order). Also returns the removed patches' indices [N, R], raster order.
 function D.forward_decoder(model, latent, mask)
-  local x = model.decoder_embed(latent)
-  local N, Lc, C4 = x:size(0), x:size(1), x:size(2)
-  local m = math.floor(math.sqrt(Lc) + 0.5)
-  local x_vis = T.F.pixel_shuffle(x:permute(0, 2, 1):reshape(N, C4, m, m), 2):flatten(2):permute(0, 2, 1)
-  local dim = x_vis:size(2)
+  local x_vis = D.shuffle_predictions(model.decoder_embed(latent))
+  local N, dim = x_vis:size(0), x_vis:size(2)
   local order, V = L.visible_first(mask)
   local Lp = mask:size(1)
   local pos_table = model.decoder_pos_embed:expand(N, Lp, dim)
   local pos = L.take_rows(pos_table, order)
   local pos_vis = D.visible_positions(model, pos_table, mask, pos:narrow(1, 0, V))
-  x = T.cat({ x_vis + pos_vis, model.mask_token + pos:narrow(1, V, Lp - V) }, 1)
+  local x = T.cat({ x_vis + pos_vis, model.mask_token + pos:narrow(1, V, Lp - V) }, 1)
   for _, blk in model.decoder_blocks:iter() do x = blk(x) end
-  return model.decoder_pred(model.decoder_norm(x)), Lp - V
+  return model.decoder_pred(model.decoder_norm(x)), order:narrow(1, V, Lp - V)
 end
 
--- Targets of the removed patches in raster order, normalized per patch when norm_pix_loss.
-function D.removed_targets(model, imgs, mask)
-  local target = L.patchify(imgs, model.config.stride)
-  local order, V = L.visible_first(mask)
-  target = L.take_rows(target, order:narrow(1, V, mask:size(1) - V))
+-- Targets of the removed patches (indices [N, R]), normalized per patch when norm_pix_loss.
+function D.removed_targets(model, imgs, removed)
+  local target = L.take_rows(L.patchify(imgs, model.config.stride), removed)
   if model.config.norm_pix_loss then target = L.normalize_patches(target) end
   return target
 end
 
--- MSE over the removed patches only (secondary-masked ones are not in the loss).
-function D.loss(model, imgs, pred, mask, removed)
-  local target = D.removed_targets(model, imgs, mask)
-  return T.F.mse_loss(pred:narrow(1, pred:size(1) - removed, removed), target)
+-- MSE over the removed patches only (secondary-masked ones are not in the loss); pred ends with them.
+function D.loss(model, imgs, pred, removed)
+  local R = removed:size(1)
+  return T.F.mse_loss(pred:narrow(1, pred:size(1) - R, R), D.removed_targets(model, imgs, removed))
 end
 
--- SimMIM's head: [N, Lf, 4 * p^2 * 3] → PixelShuffle(2) → one prediction per patch, raster order.
+-- PixelShuffle(2) of tokens [N, Lf, 4 * C] on their M x M grid → [N, 4 * Lf, C], raster order: the
+-- UM-MAE decoder's way back to one token per kept patch, and SimMIM's head.
 function D.shuffle_predictions(pred)
   local N, Lf, C4 = pred:size(0), pred:size(1), pred:size(2)
   local m = math.floor(math.sqrt(Lf) + 0.5)
   return T.F.pixel_shuffle(pred:permute(0, 2, 1):reshape(N, C4, m, m), 2):flatten(2):permute(0, 2, 1)
 end
 
--- SimMIM's loss: L1 on raw pixels of the removed patches.
+-- SimMIM's loss: L1 on raw pixels of the removed patches; also returns their indices [N, R].
 function D.simmim_loss(model, imgs, pred, mask)
   local order, V = L.visible_first(mask)
   local removed = order:narrow(1, V, mask:size(1) - V)
-  local target = L.take_rows(L.patchify(imgs, model.config.stride), removed)
-  if model.config.norm_pix_loss then target = L.normalize_patches(target) end
-  return T.F.l1_loss(L.take_rows(pred, removed), target)
+  return T.F.l1_loss(L.take_rows(pred, removed), D.removed_targets(model, imgs, removed)), removed
 end
 
 return D
