@@ -3,20 +3,10 @@
 -- Benchmarks report ratios measured in one run, because these machines are shared and noisy.
 local each = require 'tessera.each'
 local T = require 'tessera'
-local ffi = require 'ffi'
 
 local B = {}
 
-ffi.cdef [[
-  typedef struct tessera_bench_timespec { long tv_sec; long tv_nsec; } tessera_bench_timespec;
-  int clock_gettime(int clock_id, tessera_bench_timespec *tp);
-]]
-
-local ts = ffi.new('tessera_bench_timespec')
-function B.now()
-  ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
-  return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
-end
+B.now = require('tessera.core').now
 
 -- Parses `--name value` / `--flag` arguments against a spec {name = default}; a default of
 -- `false` marks a flag. Exits with usage on --help or an unknown argument.

@@ -53,11 +53,7 @@ local RESERVED = { format = true, format_version = true, tessera_version = true,
 -- ---- small helpers -------------------------------------------------------------------------------
 local function fail(fmt, ...) error(string.format(fmt, ...), 0) end
 
--- Strips the "file:line: " prefix errors raised with a level carry, keeping the message itself.
-local function bare_message(err)
-  err = tostring(err)
-  return (err:gsub('^[^\n:]+:%d+: ', ''))
-end
+local bare_message = core.bare_message
 
 local function is_module(x) return type(x) == 'table' and type(x.state_dict) == 'function' end
 

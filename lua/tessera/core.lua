@@ -299,6 +299,21 @@ function core.options(what, opts, valid)
   return opts
 end
 
+-- ---- small shared helpers ------------------------------------------------------------------------
+ffi.cdef [[
+  typedef struct tessera_timespec { long tv_sec; long tv_nsec; } tessera_timespec;
+  int clock_gettime(int clock_id, tessera_timespec *tp);
+]]
+local CLOCK_MONOTONIC, timespec = 1, ffi.new('tessera_timespec')
+-- Monotonic seconds, for timing (benchmarks, the recipe runner's progress and ETA).
+function core.now()
+  ffi.C.clock_gettime(CLOCK_MONOTONIC, timespec)
+  return tonumber(timespec.tv_sec) + tonumber(timespec.tv_nsec) * 1e-9
+end
+
+-- An error's message without the "file:line: " prefix that errors raised with a level carry.
+function core.bare_message(err) return (tostring(err):gsub('^[^\n:]+:%d+: ', '')) end
+
 -- ---- argument checks -----------------------------------------------------------------------------
 -- Each checks one argument and returns it; `what` names the op and `name` the argument, and a bad
 -- value raises (level 0) "<what>: <name> must be <requirement>, got <value>". A `default`, when

@@ -20,7 +20,7 @@ local T = require 'tessera'
 local core = require 'tessera.core'
 local V = require 'tessera.visualize'
 local merge = require('tessera.models.layers').merge
-local clock = require('tessera.bench').now
+local clock = core.now
 
 local P = {}
 

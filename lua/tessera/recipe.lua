@@ -91,8 +91,6 @@ local R = {}
 
 -- ---- system helpers ------------------------------------------------------------------------------
 ffi.cdef [[
-  typedef struct tessera_recipe_timespec { long tv_sec; long tv_nsec; } tessera_recipe_timespec;
-  int clock_gettime(int clock_id, void *tp);
   int isatty(int fd);
   int mkdir(const char *path, unsigned int mode);
   int truncate(const char *path, int64_t length);
@@ -101,11 +99,7 @@ ffi.cdef [[
 ]]
 local EEXIST = 17
 
-local timespec = ffi.new('tessera_recipe_timespec')
-local function clock()
-  ffi.C.clock_gettime(1, ffi.cast('void *', timespec)) -- CLOCK_MONOTONIC
-  return tonumber(timespec.tv_sec) + tonumber(timespec.tv_nsec) * 1e-9
-end
+local clock = require('tessera.core').now
 R.clock = clock
 
 local function realpath(path)
@@ -146,7 +140,7 @@ end
 local function usage_error(fmt, ...) raise(true, fmt, ...) end
 local function run_error(fmt, ...) raise(false, fmt, ...) end
 
-local function strip_position(err) return (tostring(err):gsub('^[^\n:]+:%d+: ', '')) end
+local strip_position = require('tessera.core').bare_message
 
 local function mkdir_p(dir)
   local prefix = dir:sub(1, 1) == '/' and '/' or ''
