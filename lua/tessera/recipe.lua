@@ -702,14 +702,17 @@ function Run:generator(name, seed)
 end
 
 -- ---- checkpoints ------------------------------------------------------------------------------------------
-local function check_finite_model(model)
+-- The model's state_dict (or the name -> tensor table given) and the name of its first tensor, in
+-- name order, holding NaN or Inf.
+local function model_state(model)
   local sd = type(model.state_dict) == 'function' and model:state_dict() or model
   for _, name in ipairs(sorted_keys(sd)) do
     local t = sd[name]
     if T.is_tensor(t) and t:is_floating_point() and not t:isfinite():all():item() then
-      return name
+      return sd, name
     end
   end
+  return sd
 end
 
 function Run:_track(o)
@@ -733,7 +736,7 @@ function Run:save_checkpoint(o)
   if model == nil then
     run_error('run:save_checkpoint: no model (pass model = ..., or call run:resume(model, optimizer, loader) first)')
   end
-  local bad = check_finite_model(model)
+  local sd, bad = model_state(model) -- saved as it was checked: one state_dict() per checkpoint
   if bad then
     self._failed = 'non-finite weights in ' .. bad
     run_error("run:save_checkpoint: the model's %s has NaN or infinite values; not saving, the last good checkpoint stays", bad)
@@ -742,7 +745,7 @@ function Run:save_checkpoint(o)
   for k, g in each(self._generators) do generators[k] = g end
   for k, g in each(o.generators or {}) do generators[k] = g end
   local path = self:checkpoint_path(o.name)
-  local ok, err = pcall(checkpoint.save, path, { model = model, optimizer = self._tracked.optimizer,
+  local ok, err = pcall(checkpoint.save, path, { model = sd, optimizer = self._tracked.optimizer,
     loader = self._tracked.loader, generators = generators, epoch = o.epoch, iter = o.iter, step = o.step,
     iters = o.iters, config = self.config, extra = o.extra,
     metadata = { recipe = self.name, log_bytes = self._log:seek('end') } })
