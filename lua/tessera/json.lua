@@ -107,7 +107,6 @@ local function decoder(text)
     if b >= 0x20 and b < 0x7F then return format("'%s'", string.char(b)) end
     return format('byte 0x%02x', b)
   end
-  D.found = found
 
   -- the code point of the \uXXXX escape at i, or fails
   local function hex4(i)

@@ -27,6 +27,7 @@ local each = require 'tessera.each'
 local core = require 'tessera.core'
 require 'tessera.image'
 local Canvas = require 'tessera.canvas'
+local data = require 'tessera.data'
 local ffi, C, T = core.ffi, core.C, core.T
 local wrap, handle, check = core.wrap, core.handle, core.check
 
@@ -240,7 +241,7 @@ end
 masks.compact = T.uniform_compact
 
 -- ---- pictures ----------------------------------------------------------------------------------
-local IMAGENET_MEAN, IMAGENET_STD = { 0.485, 0.456, 0.406 }, { 0.229, 0.224, 0.225 }
+local IMAGENET_MEAN, IMAGENET_STD = data.IMAGENET_MEAN, data.IMAGENET_STD
 local GREY, REMOVED_KEEP = 0.5, 0.25          -- removed patches: mostly grey, a trace of the image
 local TINT, TINT_KEEP = { 0.15, 0.45, 0.95 }, 0.45  -- secondary-masked patches: tinted blue
 

@@ -25,11 +25,6 @@ local F = T.F
 -- ---- argument parsing --------------------------------------------------------------------------
 local function is_options(x) return type(x) == 'table' and not core.is_tensor(x) end
 
-local function set_of(...)
-  local s = {}
-  for _, k in ipairs { ... } do s[k] = true end
-  return s
-end
 
 -- An integer or an {h, w} pair of integers → h, w (default when nil).
 local function pair(what, name, v, default)
@@ -48,7 +43,7 @@ end
 local check_boolean = core.check_boolean
 
 -- ---- conv2d ------------------------------------------------------------------------------------
-local conv_options = set_of('stride', 'padding', 'dilation', 'groups')
+local conv_options = { 'stride', 'padding', 'dilation', 'groups' }
 
 local function call_conv(x, w, b, sh, sw, ph, pw, dh, dw, groups)
   return wrap(C.ts_conv2d(handle(x, 'conv2d'), handle(w, 'conv2d'), b ~= nil and handle(b, 'conv2d') or nil,
@@ -91,8 +86,8 @@ function F.conv2d(x, w, b, opts)
 end
 
 -- ---- pooling -----------------------------------------------------------------------------------
-local avg_options = set_of('stride', 'padding', 'ceil_mode', 'count_include_pad')
-local max_options = set_of('stride', 'padding', 'dilation', 'ceil_mode')
+local avg_options = { 'stride', 'padding', 'ceil_mode', 'count_include_pad' }
+local max_options = { 'stride', 'padding', 'dilation', 'ceil_mode' }
 
 function F.avg_pool2d(x, kernel_size, opts)
   opts = core.options('avg_pool2d', opts, avg_options)
@@ -120,7 +115,7 @@ function F.adaptive_avg_pool2d(x, output_size)
 end
 
 -- ---- interpolate -------------------------------------------------------------------------------
-local interpolate_options = set_of('size', 'scale_factor', 'mode', 'align_corners', 'recompute_scale_factor')
+local interpolate_options = { 'size', 'scale_factor', 'mode', 'align_corners', 'recompute_scale_factor' }
 local modes = { nearest = C.TS_INTERP_NEAREST, bilinear = C.TS_INTERP_BILINEAR }
 
 -- A finite positive number or an {h, w} pair of them.
@@ -164,7 +159,7 @@ function F.interpolate(x, opts)
 end
 
 -- ---- pad, roll ---------------------------------------------------------------------------------
-local pad_options = set_of('mode', 'value')
+local pad_options = { 'mode', 'value' }
 
 function F.pad(x, pad, opts, value)
   if type(opts) == 'string' then opts = { mode = opts, value = value } end

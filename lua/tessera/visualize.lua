@@ -4,10 +4,11 @@
 local T = require 'tessera.core'.T
 local Canvas = require 'tessera.canvas'
 local L = require 'tessera.models.layers'
+local data = require 'tessera.data'
 
 local V = {}
 
-local IMAGENET_MEAN, IMAGENET_STD = { 0.485, 0.456, 0.406 }, { 0.229, 0.224, 0.225 }
+local IMAGENET_MEAN, IMAGENET_STD = data.IMAGENET_MEAN, data.IMAGENET_STD
 local COLOURS = { { 31, 119, 180 }, { 255, 127, 14 }, { 44, 160, 44 }, { 214, 39, 40 } }
 
 local function fmt(v)
