@@ -365,7 +365,7 @@ static __global__ void __launch_bounds__(rows_per_block<cuda_acc_t<DT>, DMAX>())
 template <int DT>
 static __global__ void attention_dbias_kernel(int64_t n, int64_t parts, const cuda_acc_t<DT> *acc, cuda_storage_t<DT> *dbias) {
   using A = cuda_acc_t<DT>;
-  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(e, n) {
     A s = 0;
     for (int64_t part = 0; part < parts; part++) s += acc[part * n + e];
     cuda_store<DT>(dbias, e, s);

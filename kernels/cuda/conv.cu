@@ -239,7 +239,7 @@ template <int DT>
 static __global__ void bias_planes_kernel(int64_t total, int64_t plane, int64_t channels, const cuda_storage_t<DT> *b,
                                           cuda_storage_t<DT> *out, bool add) {
   using A = cuda_acc_t<DT>;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(i, total) {
     A v = b ? cuda_load<DT>(b, i / plane % channels) : (A)0;
     cuda_store<DT>(out, i, add ? cuda_load<DT>(out, i) + v : v);
   }
@@ -277,7 +277,7 @@ static __global__ void __launch_bounds__(BIAS_BLOCK)
 template <int DT>
 static __global__ void bias_grad_total_kernel(int64_t channels, int64_t chunks, const cuda_acc_t<DT> *partial,
                                               cuda_storage_t<DT> *gb) {
-  for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < channels; c += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(c, channels) {
     cuda_acc_t<DT> s = 0;
     for (int64_t k = 0; k < chunks; k++) s += partial[k * channels + c];
     cuda_store<DT>(gb, c, s);

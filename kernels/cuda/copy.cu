@@ -82,7 +82,7 @@ extern "C" int cuda_fill(ts_tensor *dst, double value) {
 // out is 1-d (any stride): a kernel of its own, since the value depends on the index itself.
 template <int D>
 static __global__ void arange_kernel(int64_t n, cuda_storage_t<D> *out, int64_t stride, double start, double step) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+  CUDA_GRID_STRIDE(i, n)
     // explicit roundings: a fused multiply-add would differ from the CPU's start + i*step
     out[i * stride] = cuda_store_f64<D>(__dadd_rn(start, __dmul_rn((double)i, step)));
 }

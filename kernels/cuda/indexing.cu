@@ -102,12 +102,9 @@ struct advanced_geom {
 };
 
 // ---- kernels -------------------------------------------------------------------------------------
-#define GRID_STRIDE(q, n) \
-  for (int64_t q = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; q < (n); q += (int64_t)gridDim.x * blockDim.x)
-
 // Reads: other[to] = a[ta].
 template <typename T, typename G> __global__ void read_kernel(int64_t n, G g, const T *a, T *other) {
-  GRID_STRIDE(q, n) {
+  CUDA_GRID_STRIDE(q, n) {
     int64_t ta, to;
     g.locate(q, ta, to);
     other[to] = a[ta];
@@ -116,7 +113,7 @@ template <typename T, typename G> __global__ void read_kernel(int64_t n, G g, co
 
 // Replacing writes, pass 1: each target keeps the largest item number (+1) that writes it.
 template <typename K, typename G> __global__ void claim_kernel(int64_t n, G g, K *winner) {
-  GRID_STRIDE(q, n) {
+  CUDA_GRID_STRIDE(q, n) {
     int64_t ta, to;
     g.locate(q, ta, to);
     atomicMax(&winner[ta], (K)(q + 1));
@@ -126,7 +123,7 @@ template <typename K, typename G> __global__ void claim_kernel(int64_t n, G g, K
 // Pass 2: only the last write of each target stores.
 template <typename T, typename K, typename G>
 __global__ void store_winners_kernel(int64_t n, G g, const K *winner, T *a, const T *src) {
-  GRID_STRIDE(q, n) {
+  CUDA_GRID_STRIDE(q, n) {
     int64_t ta, to;
     g.locate(q, ta, to);
     if (winner[ta] == (K)(q + 1)) a[ta] = src[to];
@@ -135,7 +132,7 @@ __global__ void store_winners_kernel(int64_t n, G g, const K *winner, T *a, cons
 
 // Accumulating writes, pass 1: (target, item) pairs in item order.
 template <typename G> __global__ void pair_kernel(int64_t n, G g, uint64_t *targets, uint64_t *items) {
-  GRID_STRIDE(q, n) {
+  CUDA_GRID_STRIDE(q, n) {
     int64_t ta, to;
     g.locate(q, ta, to);
     targets[q] = (uint64_t)ta;
@@ -152,7 +149,7 @@ template <int D> __device__ __forceinline__ cuda_compute_t<D> add_values(cuda_co
 template <int D, typename G>
 __global__ void accumulate_runs_kernel(int64_t n, G g, const uint64_t *targets, const uint64_t *items,
                                        cuda_storage_t<D> *a, const cuda_storage_t<D> *src) {
-  GRID_STRIDE(i, n) {
+  CUDA_GRID_STRIDE(i, n) {
     uint64_t t = targets[i];
     if (i > 0 && targets[i - 1] == t) continue;
     cuda_compute_t<D> sum = cuda_to_compute<D>(a[t]);
@@ -386,7 +383,7 @@ struct coords_geom {
 };
 
 __global__ void coords_kernel(int64_t count, coords_geom g, const int64_t *linear, int64_t *out) {
-  GRID_STRIDE(r, count) {
+  CUDA_GRID_STRIDE(r, count) {
     int64_t i = linear[r];
 #pragma unroll
     for (int d = TS_MAX_DIMS - 1; d >= 0; d--) { // to the compile-time maximum: shape stays in registers

@@ -260,7 +260,7 @@ template <int DT>
 static __global__ void prepare_rows_kernel(int64_t total, int64_t n, int64_t m, cuda_storage_t<DT> *c, int64_t ldc,
                                            int64_t c_batch_stride, const cuda_storage_t<DT> *bias, bool keep) {
   using A = cuda_acc_t<DT>;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(i, total) {
     int64_t j = i % m, r = i / m % n, b = i / (m * n), at = b * c_batch_stride + r * ldc + j;
     A v = keep ? cuda_load<DT>(c, at) : (A)0;
     if (bias) v += cuda_load<DT>(bias, j);

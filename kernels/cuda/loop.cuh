@@ -211,6 +211,10 @@ static inline unsigned cuda_blocks(int64_t n) {
   return (unsigned)(blocks < CUDA_MAX_BLOCKS ? blocks : CUDA_MAX_BLOCKS);
 }
 
+// Inside a kernel: i runs over [0, n) in steps of the whole grid, each thread from its own index.
+#define CUDA_GRID_STRIDE(i, n) \
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+
 // Runs f over every element of ops[0]'s shape on its device's stream; `op` names errors.
 template <int K, typename F> int cuda_foreach(const char *op, const ts_tensor *const (&ops)[K], const F &f) {
   int64_t n = ts_numel(ops[0]);

@@ -64,13 +64,10 @@ struct compact_geom {
   int64_t wp, gw, groups, ho;  // patches per row, groups per row, groups per image, compact rows
 };
 
-#define GRID_STRIDE(q, total) \
-  for (int64_t q = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; q < (total); q += (int64_t)gridDim.x * blockDim.x)
-
 // out [N, H/2, W/2] in units: block (gy, gx) row i of group g = row i of x's kept patch.
 template <typename U> __global__ void compact_kernel(compact_geom k, const int64_t *kept, const U *x, U *out) {
   int64_t total = k.n * k.ho * k.gw * k.run;
-  GRID_STRIDE(q, total) {
+  CUDA_GRID_STRIDE(q, total) {
     int64_t within = q % k.run, t = q / k.run;
     int64_t gx = t % k.gw;
     t /= k.gw;
@@ -84,7 +81,7 @@ template <typename U> __global__ void compact_kernel(compact_geom k, const int64
 // gx [N, H, W] in units: kept patches get their group's block of g, the other patches zeros.
 template <typename U> __global__ void compact_backward_kernel(compact_geom k, const int64_t *kept, const U *g, U *gx) {
   int64_t total = k.n * k.h * k.wp * k.run;
-  GRID_STRIDE(q, total) {
+  CUDA_GRID_STRIDE(q, total) {
     int64_t within = q % k.run, t = q / k.run;
     int64_t px = t % k.wp;
     t /= k.wp;

@@ -151,7 +151,7 @@ static __global__ void softmax_column_kernel(int64_t a, int64_t d, int64_t b, co
   using A = cuda_acc_t<DT>;
   using F = softmax_finish<DT, LOG>;
   int64_t columns = a * b;
-  for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < columns; c += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(c, columns) {
     int64_t base = c / b * d * b + c % b;
     A mx = -INFINITY, sum = 0;
     for (int64_t i = 0; i < d; i++) {
@@ -205,7 +205,7 @@ static __global__ void softmax_backward_column_kernel(int64_t a, int64_t d, int6
   using A = cuda_acc_t<DT>;
   using F = softmax_grad<DT, LOG>;
   int64_t columns = a * b;
-  for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < columns; c += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(c, columns) {
     int64_t base = c / b * d * b + c % b;
     A dot = 0;
     for (int64_t i = 0; i < d; i++) dot += F::term(cuda_load<DT>(g, base + i * b), cuda_load<DT>(y, base + i * b));

@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(CUDA_COLSUM_X *CUDA_COLSUM_Y)
 
 template <typename A, int K, typename Store>
 __global__ void cuda_column_combine_kernel(int64_t cols, int64_t chunks, const A *partial, Store store) {
-  for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < cols; j += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(j, cols) {
     A s[K];
     for (int k = 0; k < K; k++) s[k] = 0;
     for (int64_t c = 0; c < chunks; c++)

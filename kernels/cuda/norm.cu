@@ -314,7 +314,7 @@ template <int DT>
 static __global__ void batch_merge_kernel(int64_t channels, int64_t chunks, const cuda_acc_t<DT> *partial,
                                           cuda_storage_t<DT> *mean, cuda_storage_t<DT> *var) {
   using A = cuda_acc_t<DT>;
-  for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < channels; c += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(c, channels) {
     A mu = 0, m2 = 0, count = 0;
     for (int64_t k = 0; k < chunks; k++) {
       const A *pk = partial + (k * channels + c) * 3;
@@ -367,8 +367,7 @@ static __global__ void batch_apply_kernel(I total, channel_args<DT> p) {
   using A = cuda_acc_t<DT>;
   // the loop counts in 64 bits even when I is 32: i + step would wrap past 2^32 (total near
   // UINT32_MAX) and never end; i itself fits I, which keeps the divisions cheap
-  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < (int64_t)total;
-       e += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(e, (int64_t)total) {
     I i = (I)e;
     I c = i / (I)p.s % (I)p.c;
     A scale = cuda_load<DT>(p.rstd, c) * cuda_param<DT>(p.w, c, 1);
@@ -429,7 +428,7 @@ template <int DT>
 static __global__ void batch_grad_totals_kernel(int64_t channels, int64_t chunks, const cuda_acc_t<DT> *partial,
                                                 cuda_acc_t<DT> *totals, cuda_storage_t<DT> *gw, cuda_storage_t<DT> *gb) {
   using A = cuda_acc_t<DT>;
-  for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < channels; c += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(c, channels) {
     A sg = 0, sgx = 0;
     for (int64_t k = 0; k < chunks; k++) {
       sg += partial[(k * channels + c) * 2];
@@ -448,8 +447,7 @@ static __global__ void batch_grad_input_kernel(I total, channel_args<DT> p, cons
   using A = cuda_acc_t<DT>;
   A count = (A)(p.n * p.s);
   // 64-bit loop counter: see batch_apply_kernel
-  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < (int64_t)total;
-       e += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(e, (int64_t)total) {
     I i = (I)e;
     I c = i / (I)p.s % (I)p.c;
     A mu = cuda_load<DT>(p.mean, c), r = cuda_load<DT>(p.rstd, c), scale = r * cuda_param<DT>(p.w, c, 1);
@@ -607,7 +605,7 @@ template <int DT>
 static __global__ void group_row_coef_kernel(group_args<DT> p, const cuda_acc_t<DT> *sums, cuda_acc_t<DT> *coef) {
   using A = cuda_acc_t<DT>;
   int64_t rows = p.n * p.groups;
-  for (int64_t row = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; row < rows; row += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(row, rows) {
     int64_t c0 = row % p.groups * p.per_group, plane0 = row / p.groups * p.c + c0;
     A sum_dy = 0, sum_dy_xhat = 0;
     for (int64_t k = 0; k < p.per_group; k++) {
@@ -624,8 +622,7 @@ template <int DT, typename I>
 static __global__ void group_grad_input_kernel(I total, group_args<DT> p, const cuda_acc_t<DT> *coef) {
   using A = cuda_acc_t<DT>;
   // 64-bit loop counter: see batch_apply_kernel
-  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < (int64_t)total;
-       e += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(e, (int64_t)total) {
     I i = (I)e;
     I plane = i / (I)p.s, c = plane % (I)p.c, row = plane / (I)p.c * (I)p.groups + c / (I)p.per_group;
     A mu = p.mean_in[row], r = p.rstd_in[row];
@@ -640,7 +637,7 @@ template <int DT>
 static __global__ void group_param_grads_kernel(group_args<DT> p, const cuda_acc_t<DT> *sums, cuda_storage_t<DT> *gw,
                                                 cuda_storage_t<DT> *gb) {
   using A = cuda_acc_t<DT>;
-  for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < p.c; c += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(c, p.c) {
     A sg = 0, sgx = 0;
     for (int64_t n = 0; n < p.n; n++) {
       sg += sums[2 * (n * p.c + c)];

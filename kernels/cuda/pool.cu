@@ -41,9 +41,6 @@ static pool_geom make_geom(const ts_tensor *x, const ts_tensor *y, const int64_t
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-#define FOR_EACH(i, total) \
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (total); i += (int64_t)gridDim.x * blockDim.x)
-
 // Runs launch(stream) for a non-empty job on the tensor's device; `op` names errors.
 template <typename F> static int launch_on(const char *op, const ts_tensor *t, int64_t total, F launch) {
   cudaStream_t stream;
@@ -75,7 +72,7 @@ __device__ __forceinline__ avg_window avg_window_at(const pool_geom &q, int64_t 
 template <int DT>
 static __global__ void avg_pool_kernel(pool_geom q, const cuda_storage_t<DT> *x, cuda_storage_t<DT> *out) {
   using A = cuda_acc_t<DT>;
-  FOR_EACH(i, q.planes * q.OH * q.OW) {
+  CUDA_GRID_STRIDE(i, q.planes * q.OH * q.OW) {
     int64_t ow = i % q.OW, oh = i / q.OW % q.OH, plane = i / (q.OW * q.OH);
     avg_window a = avg_window_at(q, oh, ow);
     if (a.h0 >= a.h1 || a.w0 >= a.w1) {
@@ -100,7 +97,7 @@ __device__ __forceinline__ void covering(int64_t c, int64_t k, int64_t s, int64_
 template <int DT>
 static __global__ void avg_pool_backward_kernel(pool_geom q, const cuda_storage_t<DT> *g, cuda_storage_t<DT> *gx) {
   using A = cuda_acc_t<DT>;
-  FOR_EACH(i, q.planes * q.H * q.W) {
+  CUDA_GRID_STRIDE(i, q.planes * q.H * q.W) {
     int64_t w = i % q.W, h = i / q.W % q.H, plane = i / (q.W * q.H);
     int64_t oh0, oh1, ow0, ow1;
     covering(h, q.kh, q.sh, q.ph, q.OH, &oh0, &oh1);
@@ -155,7 +152,7 @@ template <int DT>
 static __global__ void max_pool_kernel(pool_geom q, const cuda_storage_t<DT> *x, cuda_storage_t<DT> *out,
                                        int64_t *indices) {
   using A = cuda_acc_t<DT>;
-  FOR_EACH(i, q.planes * q.OH * q.OW) {
+  CUDA_GRID_STRIDE(i, q.planes * q.OH * q.OW) {
     int64_t ow = i % q.OW, oh = i / q.OW % q.OH, plane = i / (q.OW * q.OH);
     int64_t h0 = oh * q.sh - q.ph, h1 = min64(h0 + (q.kh - 1) * q.dh + 1, q.H);
     int64_t w0 = ow * q.sw - q.pw, w1 = min64(w0 + (q.kw - 1) * q.dw + 1, q.W);
@@ -184,14 +181,14 @@ static __global__ void max_pool_kernel(pool_geom q, const cuda_storage_t<DT> *x,
 template <typename A, int DT>
 static __global__ void max_pool_backward_kernel(int64_t outs, int64_t plane_out, int64_t plane_in,
                                                 const cuda_storage_t<DT> *g, const int64_t *indices, A *acc) {
-  FOR_EACH(k, outs) {
+  CUDA_GRID_STRIDE(k, outs) {
     int64_t at = indices[k];
     if (at >= 0) atomicAdd(acc + k / plane_out * plane_in + at, cuda_to_compute<DT>(g[k]));
   }
 }
 
 template <int DT> static __global__ void store_accumulated_kernel(int64_t n, const float *acc, cuda_storage_t<DT> *gx) {
-  FOR_EACH(i, n) gx[i] = cuda_from_compute<DT>(acc[i]);
+  CUDA_GRID_STRIDE(i, n) gx[i] = cuda_from_compute<DT>(acc[i]);
 }
 
 extern "C" int cuda_max_pool2d(ts_tensor *out, ts_tensor *indices, const ts_tensor *x, const int64_t kernel[2],
@@ -248,7 +245,7 @@ __device__ __forceinline__ int64_t end_index(int64_t o, int64_t out, int64_t in)
 template <int DT>
 static __global__ void adaptive_kernel(pool_geom q, const cuda_storage_t<DT> *x, cuda_storage_t<DT> *out) {
   using A = cuda_acc_t<DT>;
-  FOR_EACH(i, q.planes * q.OH * q.OW) {
+  CUDA_GRID_STRIDE(i, q.planes * q.OH * q.OW) {
     int64_t ow = i % q.OW, oh = i / q.OW % q.OH, plane = i / (q.OW * q.OH);
     int64_t h0 = start_index(oh, q.OH, q.H), h1 = end_index(oh, q.OH, q.H);
     int64_t w0 = start_index(ow, q.OW, q.W), w1 = end_index(ow, q.OW, q.W);
@@ -269,7 +266,7 @@ __device__ __forceinline__ void adaptive_covering(int64_t c, int64_t in, int64_t
 template <int DT>
 static __global__ void adaptive_backward_kernel(pool_geom q, const cuda_storage_t<DT> *g, cuda_storage_t<DT> *gx) {
   using A = cuda_acc_t<DT>;
-  FOR_EACH(i, q.planes * q.H * q.W) {
+  CUDA_GRID_STRIDE(i, q.planes * q.H * q.W) {
     int64_t w = i % q.W, h = i / q.W % q.H, plane = i / (q.W * q.H);
     int64_t oh0, oh1, ow0, ow1;
     adaptive_covering(h, q.H, q.OH, &oh0, &oh1);

@@ -183,7 +183,7 @@ template <int DT> struct weight_grads {
 
 template <int DT>
 __global__ void position_bias_combine_kernel(int64_t K, int64_t blocks, const double *partial, weight_grads<DT> grads) {
-  for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < K; k += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(k, K) {
     double s = 0;
     for (int64_t b = 0; b < blocks; b++) s += partial[b * K + k];
     int64_t x = k;
@@ -202,7 +202,7 @@ template <int DT>
 __global__ void position_grad_kernel(int64_t planes, int64_t n, const cuda_acc_t<DT> *gd, cuda_storage_t<DT> *gpos) {
   using A = cuda_acc_t<DT>;
   int64_t total = planes * n;
-  for (int64_t q = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; q < total; q += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(q, total) {
     int64_t plane = q / n, tok = q % n;
     const A *m = gd + plane * n * n;
     A as_key = 0, as_query = 0;

@@ -99,7 +99,7 @@ template <int D> __device__ __forceinline__ cuda_storage_t<D> store_value(double
 
 template <int D> __global__ void random_kernel(draw_params p, cuda_storage_t<D> *out) {
   int64_t blocks = (p.n + LANES - 1) / LANES;
-  for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < blocks; j += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(j, blocks) {
     uint64_t lo = p.offset + (uint64_t)j, hi = lo < p.offset; // 128-bit counter: carry
     uint32_t x[4];
     philox4x32(p.seed, lo, hi, x);

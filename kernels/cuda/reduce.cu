@@ -392,7 +392,7 @@ __global__ void reduce_columns_kernel(reduce_geom g, const cuda_storage_t<DI> *i
 template <int DO, typename Op>
 __global__ void reduce_partials_kernel(int64_t outputs, int64_t slices, const typename Op::acc *partials, Op op,
                                        cuda_storage_t<DO> *values, int64_t *indices) {
-  for (int64_t o = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; o < outputs; o += (int64_t)gridDim.x * blockDim.x) {
+  CUDA_GRID_STRIDE(o, outputs) {
     typename Op::acc a = partials[o];
     for (int64_t s = 1; s < slices; s++) a = op.combine(a, partials[s * outputs + o]);
     op.template finish<DO>(a, values, indices, o);

@@ -79,14 +79,11 @@ __device__ void readers_of(int64_t c, int64_t in, int64_t out, int mode, int ali
   *hi = a;
 }
 
-#define FOR_EACH(i, total) \
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (total); i += (int64_t)gridDim.x * blockDim.x)
-
 // out = hw0 (ww0 top[a] + ww1 top[b]) + hw1 (ww0 bottom[a] + ww1 bottom[b]) in the CPU's order and
 // precision (float32 for float16/bfloat16, as the CPU computes them after converting).
 template <int DT> static __global__ void interpolate_kernel(resample_geom q, const cuda_storage_t<DT> *x, cuda_storage_t<DT> *out) {
   using A = cuda_acc_t<DT>;
-  FOR_EACH(i, q.planes * q.OH * q.OW) {
+  CUDA_GRID_STRIDE(i, q.planes * q.OH * q.OW) {
     int64_t ow = i % q.OW, oh = i / q.OW % q.OH, plane = i / (q.OW * q.OH);
     source r = source_of(oh, q.H, q.OH, q.mode, q.align_corners, q.scale_h);
     source c = source_of(ow, q.W, q.OW, q.mode, q.align_corners, q.scale_w);
@@ -115,7 +112,7 @@ template <int DT> static __global__ void interpolate_kernel(resample_geom q, con
 template <int DT>
 static __global__ void interpolate_backward_kernel(resample_geom q, const cuda_storage_t<DT> *g, cuda_storage_t<DT> *gx) {
   using A = cuda_acc_t<DT>;
-  FOR_EACH(i, q.planes * q.H * q.W) {
+  CUDA_GRID_STRIDE(i, q.planes * q.H * q.W) {
     int64_t w = i % q.W, h = i / q.W % q.H, plane = i / (q.W * q.H);
     int64_t oh0, oh1, ow0, ow1;
     readers_of(h, q.H, q.OH, q.mode, q.align_corners, q.scale_h, &oh0, &oh1);

@@ -61,11 +61,8 @@ template <int D> struct key_fn {
   }
 };
 
-#define GRID_STRIDE(q, n) \
-  for (int64_t q = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; q < (n); q += (int64_t)gridDim.x * blockDim.x)
-
 __global__ void row_of_kernel(int64_t n, int64_t row_length, const uint64_t *numbers, uint64_t *rows) {
-  GRID_STRIDE(i, n) rows[i] = numbers[i] / (uint64_t)row_length;
+  CUDA_GRID_STRIDE(i, n) rows[i] = numbers[i] / (uint64_t)row_length;
 }
 
 // Element offsets of a (any strides) by row-major number.
@@ -88,7 +85,7 @@ struct source_geom {
 template <typename T>
 __global__ void take_sorted_kernel(int64_t total, int64_t out_len, int64_t row_length, const uint64_t *sorted,
                                    source_geom g, const T *a, T *values, int64_t *indices) {
-  GRID_STRIDE(q, total) {
+  CUDA_GRID_STRIDE(q, total) {
     int64_t r = q / out_len, j = q % out_len;
     int64_t number = (int64_t)sorted[r * row_length + j];
     values[q] = a[g.offset(number)];
