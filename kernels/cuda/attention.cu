@@ -437,16 +437,7 @@ static int launch(const char *op, Kernel kernel, int64_t blocks, int threads, si
   if (blocks <= 0) return TS_OK;
   if (blocks > INT32_MAX)
     return ts_set_error(TS_ERR_UNSUPPORTED, "%s: %lld blocks of work exceed one launch", op, (long long)blocks);
-  if (bytes > 48 * 1024) {
-    int limit = 0;
-    if (cuda_check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), op))
-      return ts_last_status();
-    if (bytes > (size_t)limit)
-      return ts_set_error(TS_ERR_UNSUPPORTED, "%s: these head dims need %zu bytes of shared memory per block, the device "
-                          "offers %d", op, bytes, limit);
-    if (cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), op))
-      return ts_last_status();
-  }
+  if (cuda_allow_shared(op, kernel, bytes, device, "these head dims")) return ts_last_status();
   kernel<<<(unsigned)blocks, threads, bytes, stream>>>(p);
   return cuda_launched(op);
 }

@@ -119,6 +119,19 @@ static inline unsigned cuda_grid_for(int64_t items, int per_block) {
 // A kernel launch's error (bad configuration, missing kernel image) as a tessera error naming op.
 static inline int cuda_launched(const char *op) { return cuda_check(cudaGetLastError(), op); }
 
+// Raises a kernel's dynamic shared-memory limit past the default 48 KB when `bytes` need it; fails
+// naming `what` needs them when the device cannot give that much.
+template <typename Kernel> int cuda_allow_shared(const char *op, Kernel kernel, size_t bytes, int device, const char *what) {
+  if (bytes <= 48 * 1024) return TS_OK;
+  int limit = 0;
+  if (cuda_check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), op))
+    return ts_last_status();
+  if (bytes > (size_t)limit)
+    return ts_set_error(TS_ERR_UNSUPPORTED, "%s: %s need %zu bytes of shared memory per block, the device offers %d", op,
+                        what, bytes, limit);
+  return cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), op);
+}
+
 // ---- device scratch memory ------------------------------------------------------------------------
 // Temporary device memory from the tessera allocator, released at scope exit. Allocation and
 // release are ordered on the device's stream, so releasing right after enqueueing the kernels that

@@ -233,18 +233,8 @@ pb_args<DT> args_of(const ts_tensor *pos, const ts_tensor *w1, const ts_tensor *
   return p;
 }
 
-// Raises a kernel's dynamic shared-memory limit past the default 48 KB when `bytes` need it; fails
-// naming the sizes when the device cannot give that much.
-template <typename Kernel> int allow_shared(const char *op, Kernel kernel, size_t bytes, int device) {
-  if (bytes <= 48 * 1024) return TS_OK;
-  int limit = 0;
-  if (cuda_check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), op))
-    return ts_last_status();
-  if (bytes > (size_t)limit)
-    return ts_set_error(TS_ERR_UNSUPPORTED, "%s: these sizes (hidden units and heads) need %zu bytes of shared memory "
-                        "per block, the device offers %d", op, bytes, limit);
-  return cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), op);
-}
+// The sizes that set a kernel's shared memory, named when the device cannot give it.
+const char *const SHARED_USER = "these sizes (hidden units and heads)";
 
 template <int DT> size_t forward_shared_bytes(const pb_args<DT> &p, int threads) {
   return (size_t)(weight_count(p) + (p.channels + p.hidden) * threads) * sizeof(cuda_acc_t<DT>);
@@ -278,7 +268,7 @@ extern "C" int cuda_position_bias(ts_tensor *out, const ts_tensor *pos, const ts
     pb_args<DT> p = args_of<DT>(pos, w1, b1, w2, b2);
     p.out = cuda_data<DT>(out);
     size_t bytes = forward_shared_bytes(p, THREADS);
-    if (allow_shared(OP, position_bias_forward_kernel<DT>, bytes, device)) return ts_last_status();
+    if (cuda_allow_shared(OP, position_bias_forward_kernel<DT>, bytes, device, SHARED_USER)) return ts_last_status();
     position_bias_forward_kernel<DT><<<cuda_grid_for(p.total, THREADS), THREADS, bytes, stream>>>(p);
     return cuda_launched(OP);
   });
@@ -312,7 +302,7 @@ extern "C" int cuda_position_bias_backward(ts_tensor *gpos, ts_tensor *gw1, ts_t
     int limit = 0, threads = backward_threads(p, device, &limit);
     if (threads < 0) return ts_last_status();
     size_t bytes = backward_shared_bytes(p, threads);
-    if (allow_shared(op, position_bias_backward_kernel<DT>, bytes, device)) return ts_last_status();
+    if (cuda_allow_shared(op, position_bias_backward_kernel<DT>, bytes, device, SHARED_USER)) return ts_last_status();
     // with weight gradients, a fixed number of blocks (their sums are combined in order)
     int64_t tiles = (p.total + threads - 1) / threads, K = weight_count(p);
     int64_t cap = p.weights ? MAX_GRAD_BLOCKS : CUDA_MAX_BLOCKS, blocks = tiles < cap ? tiles : cap;
