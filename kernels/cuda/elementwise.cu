@@ -368,13 +368,6 @@ extern "C" int cuda_clamp(ts_tensor *out, const ts_tensor *a, double lo, double 
 // multiply-add, so the GPU rounds each step as the CPU does; float16 and bfloat16 compute in float
 // (the CPU's compute dtype for them) and round once when stored.
 namespace {
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
-
 // The CPU's float erf (a rational function on [-4, 4], kernels/cpu/elementwise.c); double uses erf.
 __device__ __forceinline__ float cpu_erf(float x) {
   x = x < -4.f ? -4.f : x > 4.f ? 4.f : x;
@@ -398,29 +391,29 @@ template <typename T> __device__ T unary_derivative(int op, T g, T x, T y) {
   switch (op) {
   case TS_NEG: return -g;
   case TS_ABS: return x > 0 ? g : x < 0 ? -g : zero;
-  case TS_EXP: return mul_rn(g, y);
-  case TS_EXPM1: return mul_rn(g, add_rn(y, one));
+  case TS_EXP: return cuda_mul_rn(g, y);
+  case TS_EXPM1: return cuda_mul_rn(g, cuda_add_rn(y, one));
   case TS_LOG: return g / x;
-  case TS_LOG1P: return g / add_rn(x, one);
-  case TS_SQRT: return g / mul_rn((T)2, y);
-  case TS_RSQRT: return mul_rn(mul_rn(mul_rn(mul_rn((T)-0.5, g), y), y), y);
-  case TS_TANH: return mul_rn(g, sub_rn(one, mul_rn(y, y)));
-  case TS_SIGMOID: return mul_rn(mul_rn(g, y), sub_rn(one, y));
-  case TS_ERF: return mul_rn(mul_rn(g, (T)1.12837916709551257390), exp(mul_rn(-x, x)));
+  case TS_LOG1P: return g / cuda_add_rn(x, one);
+  case TS_SQRT: return g / cuda_mul_rn((T)2, y);
+  case TS_RSQRT: return cuda_mul_rn(cuda_mul_rn(cuda_mul_rn(cuda_mul_rn((T)-0.5, g), y), y), y);
+  case TS_TANH: return cuda_mul_rn(g, cuda_sub_rn(one, cuda_mul_rn(y, y)));
+  case TS_SIGMOID: return cuda_mul_rn(cuda_mul_rn(g, y), cuda_sub_rn(one, y));
+  case TS_ERF: return cuda_mul_rn(cuda_mul_rn(g, (T)1.12837916709551257390), exp(cuda_mul_rn(-x, x)));
   case TS_RELU: return y > 0 ? g : zero;
   case TS_GELU: {
-    T cdf = mul_rn((T)0.5, add_rn(one, cpu_erf(mul_rn(x, (T)0.70710678118654752440))));
-    T pdf = mul_rn(mul_rn(x, (T)0.39894228040143267794), exp(mul_rn(mul_rn((T)-0.5, x), x)));
-    return mul_rn(g, add_rn(cdf, pdf));
+    T cdf = cuda_mul_rn((T)0.5, cuda_add_rn(one, cpu_erf(cuda_mul_rn(x, (T)0.70710678118654752440))));
+    T pdf = cuda_mul_rn(cuda_mul_rn(x, (T)0.39894228040143267794), exp(cuda_mul_rn(cuda_mul_rn((T)-0.5, x), x)));
+    return cuda_mul_rn(g, cuda_add_rn(cdf, pdf));
   }
   case TS_SILU: {
-    T s = one / add_rn(one, exp(-x));
-    return mul_rn(mul_rn(g, s), add_rn(one, mul_rn(x, sub_rn(one, s))));
+    T s = one / cuda_add_rn(one, exp(-x));
+    return cuda_mul_rn(cuda_mul_rn(g, s), cuda_add_rn(one, cuda_mul_rn(x, cuda_sub_rn(one, s))));
   }
-  case TS_SIN: return mul_rn(g, cos(x));
-  case TS_COS: return mul_rn(-g, sin(x));
-  case TS_RECIPROCAL: return mul_rn(mul_rn(-g, y), y);
-  case TS_SQUARE: return mul_rn(mul_rn((T)2, g), x);
+  case TS_SIN: return cuda_mul_rn(g, cos(x));
+  case TS_COS: return cuda_mul_rn(-g, sin(x));
+  case TS_RECIPROCAL: return cuda_mul_rn(cuda_mul_rn(-g, y), y);
+  case TS_SQUARE: return cuda_mul_rn(cuda_mul_rn((T)2, g), x);
   default: return zero; // sign, floor, ceil, round, trunc: flat almost everywhere
   }
 }

@@ -74,6 +74,19 @@ static inline int cuda_bit_width(uint64_t v) {
 
 __host__ __device__ constexpr bool cuda_is_floating(int dt) { return dt == TS_F32 || dt == TS_F64 || dt == TS_F16 || dt == TS_BF16; }
 
+// Explicitly rounded arithmetic: the compiler never contracts these into fused multiply-adds, so a
+// kernel that uses them rounds each step as the CPU reference does.
+__device__ __forceinline__ float cuda_add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double cuda_add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float cuda_sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double cuda_sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float cuda_mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double cuda_mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float cuda_div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double cuda_div_rn(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ float cuda_sqrt_rn(float a) { return __fsqrt_rn(a); }
+__device__ __forceinline__ double cuda_sqrt_rn(double a) { return __dsqrt_rn(a); }
+
 // Compute values <-> storage: float16/bfloat16 widen exactly and narrow with round to nearest even
 // (like ts_float_to_half / ts_float_to_bf16); bool stores 0 or 1.
 template <int DT> __host__ __device__ __forceinline__ cuda_compute_t<DT> cuda_to_compute(cuda_storage_t<DT> v) {

@@ -74,21 +74,9 @@ static int check_floating_list(const char *op, int n, ts_tensor *const *tensors,
   return TS_OK;
 }
 
-// ---- explicitly rounded arithmetic (no contraction into fused multiply-adds) ------------------------
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-__device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
-__device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
-
 // torch.lerp's two-sided formula (exact at both ends): start + w (end - start).
 template <typename A> __device__ __forceinline__ A lerp_rn(A start, A end, A w) {
-  return w < (A)0.5 ? add_rn(start, mul_rn(w, sub_rn(end, start))) : sub_rn(end, mul_rn(sub_rn(end, start), sub_rn((A)1, w)));
+  return w < (A)0.5 ? cuda_add_rn(start, cuda_mul_rn(w, cuda_sub_rn(end, start))) : cuda_sub_rn(end, cuda_mul_rn(cuda_sub_rn(end, start), cuda_sub_rn((A)1, w)));
 }
 
 // ---- AdamW ----------------------------------------------------------------------------------------
@@ -111,13 +99,13 @@ static __global__ void __launch_bounds__(LIST_THREADS) adamw_kernel(tensor_list<
   A decay = (A)l.coef[0][k], bc2_sqrt = (A)l.coef[1][k], step_size = (A)l.coef[2][k];
   A w1 = (A)c.w1, beta2 = (A)c.beta2, w2 = (A)c.w2, eps = (A)c.eps;
   for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-    A pv = mul_rn(cuda_load<DT>(p, i), decay), gv = cuda_load<DT>(g, i);
+    A pv = cuda_mul_rn(cuda_load<DT>(p, i), decay), gv = cuda_load<DT>(g, i);
     A mi = lerp_rn(m[i], gv, w1);
-    A vi = add_rn(mul_rn(v[i], beta2), mul_rn(mul_rn(w2, gv), gv));
+    A vi = cuda_add_rn(cuda_mul_rn(v[i], beta2), cuda_mul_rn(cuda_mul_rn(w2, gv), gv));
     m[i] = mi;
     v[i] = vi;
-    A denom = add_rn(div_rn(sqrt_rn(vi), bc2_sqrt), eps);
-    cuda_store<DT>(p, i, sub_rn(pv, mul_rn(step_size, div_rn(mi, denom))));
+    A denom = cuda_add_rn(cuda_div_rn(cuda_sqrt_rn(vi), bc2_sqrt), eps);
+    cuda_store<DT>(p, i, cuda_sub_rn(pv, cuda_mul_rn(step_size, cuda_div_rn(mi, denom))));
   }
 }
 
@@ -172,13 +160,13 @@ static __global__ void __launch_bounds__(LIST_THREADS) sgd_kernel(tensor_list<3>
   bool use_wd = l.coef[1][k] != 0, use_momentum = c.momentum != 0, first = l.coef[2][k] != 0;
   for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
     A pv = cuda_load<DT>(p, i), gv = cuda_load<DT>(g, i);
-    A d = use_wd ? add_rn(gv, mul_rn(wd, pv)) : gv;
+    A d = use_wd ? cuda_add_rn(gv, cuda_mul_rn(wd, pv)) : gv;
     if (use_momentum) {
-      A b = first || !buf ? d : add_rn(mul_rn(buf[i], momentum), mul_rn(keep, d));
+      A b = first || !buf ? d : cuda_add_rn(cuda_mul_rn(buf[i], momentum), cuda_mul_rn(keep, d));
       if (buf) buf[i] = b;
-      d = c.nesterov ? add_rn(d, mul_rn(momentum, b)) : b;
+      d = c.nesterov ? cuda_add_rn(d, cuda_mul_rn(momentum, b)) : b;
     }
-    cuda_store<DT>(p, i, sub_rn(pv, mul_rn(lr, d)));
+    cuda_store<DT>(p, i, cuda_sub_rn(pv, cuda_mul_rn(lr, d)));
   }
 }
 
@@ -301,7 +289,7 @@ template <int DT> static __global__ void __launch_bounds__(LIST_THREADS) scale_k
   int k = list_slot(l, blockIdx.x, &lo, &hi);
   cuda_storage_t<DT> *x = (cuda_storage_t<DT> *)l.ptr[0][k];
   A f = (A)factor;
-  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) cuda_store<DT>(x, i, mul_rn(cuda_load<DT>(x, i), f));
+  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) cuda_store<DT>(x, i, cuda_mul_rn(cuda_load<DT>(x, i), f));
 }
 
 extern "C" int cuda_multi_scale(int n, ts_tensor *const *tensors, double factor) {
