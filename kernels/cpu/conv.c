@@ -206,14 +206,12 @@ static void patch_rows(int64_t begin, int64_t end, void *arg) {
   }
 }
 
-static int64_t grain_for(int64_t per_item) { return per_item >= CPU_PARALLEL_GRAIN ? 1 : CPU_PARALLEL_GRAIN / (per_item > 0 ? per_item : 1); }
-
 static void pack_chunk(conv_run *r) {
   const conv_geom *q = &r->q;
   if (q->kind == COLS_IM2COL)
-    ts_parallel_for(r->nb * q->C * q->kh * q->kw, grain_for(q->L), im2col_rows, r);
+    ts_parallel_for(r->nb * q->C * q->kh * q->kw, cpu_grain(q->L), im2col_rows, r);
   else if (q->kind == COLS_PATCHES)
-    ts_parallel_for(r->nb * q->L, grain_for(q->K), patch_rows, r);
+    ts_parallel_for(r->nb * q->L, cpu_grain(q->K), patch_rows, r);
 }
 
 /* ---- unpacking: col2im and patches back ------------------------------------------------------ */
@@ -266,12 +264,12 @@ static void unpatch_rows(int64_t begin, int64_t end, void *arg) {
 static void unpack_chunk(conv_run *r) {
   const conv_geom *q = &r->q;
   if (q->kind == COLS_IM2COL) {
-    ts_parallel_for(r->nb * q->C, grain_for(q->kh * q->kw * q->L), col2im_planes, r);
+    ts_parallel_for(r->nb * q->C, cpu_grain(q->kh * q->kw * q->L), col2im_planes, r);
   } else if (q->kind == COLS_PATCHES) {
     /* pixels past the last whole patch (H or W not a multiple of the kernel) get no gradient */
     if (q->OH * q->kh != q->H || q->OW * q->kw != q->W)
       memset(at_mut(r->gx, r->n0 * q->C * q->H * q->W, q->esz), 0, (size_t)(r->nb * q->C * q->H * q->W * q->esz));
-    ts_parallel_for(r->nb * q->L, grain_for(q->K), unpatch_rows, r);
+    ts_parallel_for(r->nb * q->L, cpu_grain(q->K), unpatch_rows, r);
   }
 }
 
@@ -388,7 +386,7 @@ DEPTHWISE_KERNELS(double)
 
 static void depthwise_forward(conv_run *r) {
   const conv_geom *q = &r->q;
-  ts_parallel_for(q->N * q->O * q->OH, grain_for(q->OW * q->kh * q->kw),
+  ts_parallel_for(q->N * q->O * q->OH, cpu_grain(q->OW * q->kh * q->kw),
                   q->dtype == TS_F32 ? depthwise_rows_float : depthwise_rows_double, r);
 }
 
@@ -396,10 +394,10 @@ static void depthwise_backward(conv_run *r) {
   const conv_geom *q = &r->q;
   int64_t work = q->L * q->kh * q->kw;
   if (r->gx)
-    ts_parallel_for(q->N * q->C, grain_for(q->Og * work),
+    ts_parallel_for(q->N * q->C, cpu_grain(q->Og * work),
                     q->dtype == TS_F32 ? depthwise_input_grad_float : depthwise_input_grad_double, r);
   if (r->gw)
-    ts_parallel_for(q->O, grain_for(q->N * work),
+    ts_parallel_for(q->O, cpu_grain(q->N * work),
                     q->dtype == TS_F32 ? depthwise_weight_grad_float : depthwise_weight_grad_double, r);
 }
 
@@ -531,7 +529,7 @@ int cpu_conv2d_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_te
   if (!r.q.depthwise && check_blas_sizes(&r.q)) return ts_last_status();
   if (gb) {
     r.gb = ts_elem_ptr(gb);
-    ts_parallel_for(r.q.O, grain_for(r.q.N * r.q.L), bias_grad_channels, &r);
+    ts_parallel_for(r.q.O, cpu_grain(r.q.N * r.q.L), bias_grad_channels, &r);
   }
   if (!gx && !gw) return TS_OK;
   r.gx = gx ? ts_elem_ptr(gx) : NULL;

@@ -6,6 +6,11 @@
 
 /* Below this many elements a kernel runs on the calling thread: waking the pool costs more. */
 enum { CPU_PARALLEL_GRAIN = 32768 };
+/* Items per ts_parallel_for task when each item is `per_item` elements of work: about
+   CPU_PARALLEL_GRAIN elements a task, at least one item. */
+static inline int64_t cpu_grain(int64_t per_item) {
+  return per_item >= CPU_PARALLEL_GRAIN ? 1 : CPU_PARALLEL_GRAIN / (per_item > 0 ? per_item : 1);
+}
 
 /* Calls fn over runs of elements of equally shaped operands (ops[0] is usually the output):
    ptrs[k] points at run element 0 of operand k, strides[k] is its byte stride within the run.

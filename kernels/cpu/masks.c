@@ -43,8 +43,7 @@ static void group_mask_images(int64_t begin, int64_t end, void *arg) {
 
 int cpu_group_mask(ts_tensor *out, const ts_tensor *draw, int64_t h, int64_t w, int64_t per_position) {
   group_mask_ctx k = {(uint8_t *)ts_elem_ptr(out), (const int64_t *)ts_elem_ptr(draw), h, w, per_position};
-  int64_t cells = h * w > 0 ? h * w : 1;
-  ts_parallel_for(out->shape[0], CPU_PARALLEL_GRAIN / cells + 1, group_mask_images, &k);
+  ts_parallel_for(out->shape[0], cpu_grain(h * w), group_mask_images, &k);
   return TS_OK;
 }
 
@@ -93,20 +92,16 @@ static void compact_backward_rows(int64_t begin, int64_t end, void *arg) {
   }
 }
 
-static int64_t rows_per_chunk(int64_t row_elems) {
-  return row_elems > 0 && row_elems < CPU_PARALLEL_GRAIN ? CPU_PARALLEL_GRAIN / row_elems : 1;
-}
-
 int cpu_uniform_compact(ts_tensor *out, const ts_tensor *x, const ts_tensor *kept, int64_t patch_tokens) {
   compact_ctx k = {ts_elem_ptr(out), ts_elem_ptr(x), (const int64_t *)ts_elem_ptr(kept), x->shape[1], x->shape[2],
                    x->shape[3], patch_tokens, ts_dtype_size(x->dtype)};
-  ts_parallel_for(x->shape[0] * (k.h / 2), rows_per_chunk(k.w / 2 * k.c), compact_rows, &k);
+  ts_parallel_for(x->shape[0] * (k.h / 2), cpu_grain(k.w / 2 * k.c), compact_rows, &k);
   return TS_OK;
 }
 
 int cpu_uniform_compact_backward(ts_tensor *gx, const ts_tensor *g, const ts_tensor *kept, int64_t patch_tokens) {
   compact_ctx k = {ts_elem_ptr(gx), ts_elem_ptr(g), (const int64_t *)ts_elem_ptr(kept), gx->shape[1], gx->shape[2],
                    gx->shape[3], patch_tokens, ts_dtype_size(gx->dtype)};
-  ts_parallel_for(gx->shape[0] * k.h, rows_per_chunk(k.w * k.c), compact_backward_rows, &k);
+  ts_parallel_for(gx->shape[0] * k.h, cpu_grain(k.w * k.c), compact_backward_rows, &k);
   return TS_OK;
 }

@@ -39,8 +39,7 @@ static pool_run make_run(const ts_tensor *x, const ts_tensor *y, const int64_t k
 
 /* Splits `count` items of `per_item` work each over the pool. */
 static void split(int64_t count, int64_t per_item, ts_range_fn fn, void *ctx) {
-  int64_t grain = per_item >= CPU_PARALLEL_GRAIN ? 1 : CPU_PARALLEL_GRAIN / (per_item > 0 ? per_item : 1);
-  ts_parallel_for(count, grain, fn, ctx);
+  ts_parallel_for(count, cpu_grain(per_item), fn, ctx);
 }
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }

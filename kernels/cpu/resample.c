@@ -164,8 +164,6 @@ static void release(resample_run *r) {
 RESAMPLE_KERNELS(float)
 RESAMPLE_KERNELS(double)
 
-static int64_t grain_for(int64_t per_item) { return per_item >= CPU_PARALLEL_GRAIN ? 1 : CPU_PARALLEL_GRAIN / (per_item > 0 ? per_item : 1); }
-
 int cpu_interpolate(ts_tensor *out, const ts_tensor *x, int mode, int align_corners, const double scale[2]) {
   resample_run r;
   if (plan(&r, x, out, mode, align_corners, scale)) return ts_last_status();
@@ -174,7 +172,7 @@ int cpu_interpolate(ts_tensor *out, const ts_tensor *x, int mode, int align_corn
   int f32 = x->dtype == TS_F32;
   ts_range_fn fn = mode == TS_INTERP_NEAREST ? (f32 ? nearest_rows_float : nearest_rows_double)
                                              : (f32 ? forward_rows_float : forward_rows_double);
-  ts_parallel_for(r.planes * r.OH, grain_for(r.OW * (mode == TS_INTERP_NEAREST ? 1 : 4)), fn, &r);
+  ts_parallel_for(r.planes * r.OH, cpu_grain(r.OW * (mode == TS_INTERP_NEAREST ? 1 : 4)), fn, &r);
   release(&r);
   return TS_OK;
 }
@@ -187,7 +185,7 @@ int cpu_interpolate_backward(ts_tensor *gx, const ts_tensor *g, int mode, int al
   int f32 = gx->dtype == TS_F32;
   ts_range_fn fn = mode == TS_INTERP_NEAREST ? (f32 ? nearest_backward_planes_float : nearest_backward_planes_double)
                                              : (f32 ? backward_planes_float : backward_planes_double);
-  ts_parallel_for(r.planes, grain_for(r.H * r.W + r.OH * r.OW * (mode == TS_INTERP_NEAREST ? 1 : 4)), fn, &r);
+  ts_parallel_for(r.planes, cpu_grain(r.H * r.W + r.OH * r.OW * (mode == TS_INTERP_NEAREST ? 1 : 4)), fn, &r);
   release(&r);
   return TS_OK;
 }
