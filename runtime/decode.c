@@ -372,38 +372,6 @@ static int jpeg_encode(jpeg_writer *j) {
   return 0;
 }
 
-/* img as 8-bit samples on the host: uint8 copied, floats clamped to [0, 1], times 255, rounded to
-   nearest (NaN as 0), as ts_png_write does. */
-static uint8_t *jpeg_samples(const char *op, ts_tensor *img, int64_t count) {
-  uint8_t *out = malloc((size_t)count);
-  float *values = img->dtype == TS_U8 ? NULL : malloc((size_t)count * sizeof(float));
-  if (!out || (img->dtype != TS_U8 && !values)) {
-    free(out);
-    free(values);
-    ts_set_error(TS_ERR_MEMORY, "%s: out of host memory for %lld samples", op, (long long)count);
-    return NULL;
-  }
-  int st;
-  if (img->dtype == TS_U8) {
-    st = ts_to_host(img, out, (size_t)count);
-  } else {
-    ts_tensor *f = ts_to_dtype(img, TS_F32);
-    st = f ? ts_to_host(f, values, (size_t)count * sizeof(float)) : ts_last_status();
-    ts_release(f);
-    for (int64_t i = 0; !st && i < count; i++) {
-      float v = values[i];
-      v = v > 0 ? (v < 1 ? v : 1) : 0;
-      out[i] = (uint8_t)(v * 255.0f + 0.5f);
-    }
-  }
-  free(values);
-  if (st) {
-    free(out);
-    return NULL;
-  }
-  return out;
-}
-
 static int jpeg_check_writable(const char *op, const ts_tensor *img, int quality) {
   if (!img) return ts_set_error(TS_ERR_ARG, "%s: image is NULL", op);
   if (img->dtype != TS_U8 && !ts_dtype_is_floating(img->dtype))
@@ -426,17 +394,14 @@ int ts_jpeg_write(const char *path, ts_tensor *img, int quality) {
   if (jpeg_check_writable(op, img, quality)) return ts_last_status();
   jpeg_writer j = {.h = img->shape[0], .w = img->shape[1], .channels = img->ndim == 3 ? (int)img->shape[2] : 1,
                    .quality = quality};
-  uint8_t *pixels = jpeg_samples(op, img, j.h * j.w * j.channels);
+  uint8_t *pixels = ts_image_samples(op, img, j.h * j.w * j.channels);
   if (!pixels) return ts_last_status();
   j.pixels = pixels;
-  size_t tmp_size = strlen(path) + 48;
-  char *tmp = malloc(tmp_size);
+  char *tmp = ts_temporary_name(path);
   if (!tmp) {
     free(pixels);
     return ts_set_error(TS_ERR_MEMORY, "%s: out of host memory", op);
   }
-  static int counter;
-  snprintf(tmp, tmp_size, "%s.tmp-%ld-%d", path, (long)getpid(), __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED));
   int st = TS_OK;
   j.file = fopen(tmp, "wb");
   if (!j.file) {
@@ -446,12 +411,7 @@ int ts_jpeg_write(const char *path, ts_tensor *img, int quality) {
     j.err.pub.error_exit = on_jpeg_error;
     if (jpeg_encode(&j)) st = ts_set_error(TS_ERR_IO, "%s: encoding '%s' failed: %s", op, path, j.err.message);
     if (j.created) jpeg_destroy_compress(&j.cinfo);
-    if (!st && (fflush(j.file) || fsync(fileno(j.file))))
-      st = ts_set_error(TS_ERR_IO, "%s: writing '%s' failed: %s", op, path, strerror(errno));
-    if (fclose(j.file) && !st) st = ts_set_error(TS_ERR_IO, "%s: writing '%s' failed: %s", op, path, strerror(errno));
-    if (!st && rename(tmp, path))
-      st = ts_set_error(TS_ERR_IO, "%s: cannot move the finished file to '%s': %s", op, path, strerror(errno));
-    if (st) remove(tmp);
+    st = ts_commit_file(op, j.file, tmp, path, st);
   }
   free(tmp);
   free(pixels);

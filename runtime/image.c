@@ -121,10 +121,8 @@ ts_tensor *ts_png_read(const char *path) {
   return c.image;
 }
 
-/* ---- writing --------------------------------------------------------------------------------- */
-/* img as 8-bit samples [H, W, C] on the host: uint8 copied, floats clamped to [0, 1], times 255,
-   rounded to nearest. */
-static uint8_t *samples_of(const char *op, ts_tensor *img, int64_t count) {
+/* ---- writing (ts_image_samples, ts_temporary_name and ts_commit_file also serve ts_jpeg_write; see internal.h) */
+uint8_t *ts_image_samples(const char *op, ts_tensor *img, int64_t count) {
   uint8_t *out = malloc(ts_at_least_one(count));
   float *values = img->dtype == TS_U8 ? NULL : malloc(ts_at_least_one(count) * sizeof(float));
   if (!out || (img->dtype != TS_U8 && !values)) {
@@ -181,8 +179,7 @@ static int write_png(png_ctx *c, int64_t h, int64_t w, int channels) {
   return 0;
 }
 
-/* The temporary file next to `path` that is renamed over it once complete. */
-static char *temporary_name(const char *path) {
+char *ts_temporary_name(const char *path) {
   static int counter;
   size_t size = strlen(path) + 48;
   char *name = malloc(size);
@@ -191,8 +188,18 @@ static char *temporary_name(const char *path) {
   return name;
 }
 
-/* Writes c->pixels into c->file and closes it; returns a status. */
-static int encode_and_close(png_ctx *c, const char *op, int64_t h, int64_t w, int channels) {
+int ts_commit_file(const char *op, FILE *f, const char *tmp, const char *path, int st) {
+  if (!st && (fflush(f) || fsync(fileno(f))))
+    st = ts_set_error(TS_ERR_IO, "%s: writing '%s' failed: %s", op, path, strerror(errno));
+  if (fclose(f) && !st) st = ts_set_error(TS_ERR_IO, "%s: writing '%s' failed: %s", op, path, strerror(errno));
+  if (!st && rename(tmp, path))
+    st = ts_set_error(TS_ERR_IO, "%s: cannot move the finished file to '%s': %s", op, path, strerror(errno));
+  if (st) remove(tmp);
+  return st;
+}
+
+/* Writes c->pixels into c->file; returns a status. */
+static int encode(png_ctx *c, const char *op, int64_t h, int64_t w, int channels) {
   int st = TS_OK;
   c->png = png_create_write_struct(PNG_LIBPNG_VER_STRING, c, on_png_error, on_png_warning);
   c->info = c->png ? png_create_info_struct(c->png) : NULL;
@@ -201,10 +208,6 @@ static int encode_and_close(png_ctx *c, const char *op, int64_t h, int64_t w, in
   else if (write_png(c, h, w, channels))
     st = ts_set_error(TS_ERR_IO, "%s: encoding '%s' failed: %s", op, c->path, c->message);
   if (c->png) png_destroy_write_struct(&c->png, c->info ? &c->info : NULL);
-  if (!st && (fflush(c->file) || fsync(fileno(c->file))))
-    st = ts_set_error(TS_ERR_IO, "%s: writing '%s' failed: %s", op, c->path, strerror(errno));
-  if (fclose(c->file) && !st) st = ts_set_error(TS_ERR_IO, "%s: writing '%s' failed: %s", op, c->path, strerror(errno));
-  c->file = NULL;
   return st;
 }
 
@@ -215,24 +218,21 @@ int ts_png_write(const char *path, ts_tensor *img) {
   int64_t h = img->shape[0], w = img->shape[1];
   int channels = img->ndim == 3 ? (int)img->shape[2] : 1;
   png_ctx c = {.path = path};
-  c.pixels = samples_of(op, img, h * w * channels);
+  c.pixels = ts_image_samples(op, img, h * w * channels);
   c.rows = c.pixels ? malloc((size_t)h * sizeof *c.rows) : NULL;
-  char *tmp = c.rows ? temporary_name(path) : NULL;
+  char *tmp = c.rows ? ts_temporary_name(path) : NULL;
   if (c.pixels && !tmp) {
     free(c.pixels);
     free(c.rows);
     return ts_set_error(TS_ERR_MEMORY, "%s: out of host memory", op);
   }
   if (!c.pixels) return ts_last_status();
-  int st = TS_OK;
+  int st;
   c.file = fopen(tmp, "wb");
   if (!c.file)
     st = ts_set_error(TS_ERR_IO, "%s: cannot create '%s': %s", op, tmp, strerror(errno));
   else
-    st = encode_and_close(&c, op, h, w, channels);
-  if (!st && rename(tmp, path))
-    st = ts_set_error(TS_ERR_IO, "%s: cannot move the finished file to '%s': %s", op, path, strerror(errno));
-  if (st) remove(tmp);
+    st = ts_commit_file(op, c.file, tmp, path, encode(&c, op, h, w, channels));
   free(tmp);
   free(c.rows);
   free(c.pixels);

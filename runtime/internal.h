@@ -5,6 +5,7 @@
 
 #include "tessera.h"
 #include <stdarg.h>
+#include <stdio.h>
 
 /* Storage: one refcounted allocation on one device. Views share it. */
 typedef struct ts_storage {
@@ -87,6 +88,16 @@ ts_tensor *ts_unaliased(ts_tensor *src, const ts_tensor *dst);
 typedef struct { ts_generator *g; uint64_t offset, changes, own_changes; } ts_draw_mark;
 ts_draw_mark ts_draw_mark_of(ts_generator *g); /* g = NULL: the default generator */
 void ts_draw_rewind(const ts_draw_mark *m);
+
+/* ---- writing image files (image.c; PNG and JPEG alike) ---------------------------------------- */
+/* img as `count` 8-bit samples on the host (caller frees): uint8 copied, floats clamped to [0, 1]
+   (NaN as 0), times 255, rounded to nearest. */
+uint8_t *ts_image_samples(const char *op, ts_tensor *img, int64_t count);
+/* A file is written as a temporary next to its path and renamed over it once complete. */
+char *ts_temporary_name(const char *path); /* caller frees; NULL when out of memory */
+/* Ends such a write: flushes, syncs and closes f (the open temporary tmp), then renames tmp over path;
+   when st (the status so far) or any of these fails, tmp is removed instead. Returns the status. */
+int ts_commit_file(const char *op, FILE *f, const char *tmp, const char *path, int st);
 
 /* ---- host allocator statistics (device allocators report through the same counters) ---------- */
 void ts_stats_on_alloc(ts_device dev, int64_t bytes);
