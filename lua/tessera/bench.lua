@@ -3,16 +3,16 @@
 -- Benchmarks report ratios measured in one run, because these machines are shared and noisy.
 local each = require 'tessera.each'
 local T = require 'tessera'
+local core = require 'tessera.core'
 
 local B = {}
 
-B.now = require('tessera.core').now
+B.now = core.now
 
 -- Parses `--name value` / `--flag` arguments against a spec {name = default}; a default of
 -- `false` marks a flag. Exits with usage on --help or an unknown argument.
 function B.args(tool, argv, spec, usage)
-  local out = {}
-  for k, v in each(spec) do out[k] = v end
+  local out = core.merge(spec)
   local i = 1
   while i <= #argv do
     local name = argv[i]:match('^%-%-([%w_]+)$')

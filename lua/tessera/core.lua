@@ -311,6 +311,14 @@ function core.now()
   return tonumber(timespec.tv_sec) + tonumber(timespec.tv_nsec) * 1e-9
 end
 
+-- A shallow copy of the table `base` with the entries of `overrides` (optional) put over it.
+function core.merge(base, overrides)
+  local out = {}
+  for k, v in each(base) do out[k] = v end
+  for k, v in each(overrides or {}) do out[k] = v end
+  return out
+end
+
 -- An error's message without the "file:line: " prefix that errors raised with a level carry.
 function core.bare_message(err) return (tostring(err):gsub('^[^\n:]+:%d+: ', '')) end
 

@@ -211,8 +211,7 @@ function masks.secondary(m, opts)
   local out_new, out_vis = ffi.new('ts_tensor*[1]'), ffi.new('ts_tensor*[1]')
   check(C.ts_mask_secondary(handle(base.mask, what), noise, ratio, id, generator_handle(opts.generator, what),
     out_new, out_vis))
-  local result = {}
-  for k, v in each(base) do result[k] = v end
+  local result = core.merge(base)
   result.new_mask, result.vis_mask = wrap(out_new[0]), wrap(out_vis[0])
   result.secondary_ratio, result.formula = ratio, formula
   return new_mask(result)

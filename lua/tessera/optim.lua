@@ -96,8 +96,7 @@ local function group_list(what, params)
       if type(g) ~= 'table' or g.params == nil then
         error(string.format('%s: parameter group %d must be a table with a params field', what, i), 0)
       end
-      local copy = {}
-      for k, v in each(g) do copy[k] = v end
+      local copy = core.merge(g)
       copy.params = tensor_list(what, g.params)
       groups[i] = copy
     end
@@ -120,9 +119,7 @@ optim.Optimizer = Optimizer
 local function new_optimizer(class, params, opts)
   local what = class.name
   opts = core.options(what, opts, class.defaults)
-  local defaults = {}
-  for k, v in each(class.defaults) do defaults[k] = v end
-  for k, v in each(opts) do defaults[k] = v end
+  local defaults = core.merge(class.defaults, opts)
   class.check_group(what, defaults)
   local self = setmetatable({ defaults = defaults, param_groups = {}, state = {}, seen = {} }, class)
   for _, g in ipairs(group_list(what, params)) do self:add_param_group(g) end
@@ -133,8 +130,7 @@ end
 function Optimizer:add_param_group(group)
   local what = self.name .. ': add_param_group'
   if type(group) ~= 'table' or group.params == nil then error(what .. ': expected a table with a params field', 0) end
-  local g = {}
-  for k, v in each(group) do g[k] = v end
+  local g = core.merge(group)
   g.params = tensor_list(what, group.params)
   for k, v in each(self.defaults) do
     if g[k] == nil then g[k] = type(v) == 'table' and { unpack(v) } or v end
@@ -242,9 +238,7 @@ function Optimizer:state_dict()
       saved.params[i] = index
       local s = self.state[p]
       if s then
-        local copy = {}
-        for k, v in each(s) do copy[k] = v end
-        state[index] = copy
+        state[index] = core.merge(s)
       end
       index = index + 1
     end

@@ -19,7 +19,7 @@
 local T = require 'tessera'
 local core = require 'tessera.core'
 local V = require 'tessera.visualize'
-local merge = require('tessera.models.layers').merge
+local merge = core.merge
 local clock = core.now
 
 local P = {}

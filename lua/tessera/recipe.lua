@@ -83,6 +83,7 @@
 -- (errors are raised); .cli(...) → an exit status, as `tessera run` uses it.
 local each = require 'tessera.each'
 local T = require 'tessera'
+local core = require 'tessera.core'
 local checkpoint = require 'tessera.checkpoint'
 local ffi = require 'ffi'
 local json = T.json
@@ -99,7 +100,7 @@ ffi.cdef [[
 ]]
 local EEXIST = 17
 
-local clock = require('tessera.core').now
+local clock = core.now
 R.clock = clock
 
 local function realpath(path)
@@ -140,7 +141,7 @@ end
 local function usage_error(fmt, ...) raise(true, fmt, ...) end
 local function run_error(fmt, ...) raise(false, fmt, ...) end
 
-local strip_position = require('tessera.core').bare_message
+local strip_position = core.bare_message
 
 local function mkdir_p(dir)
   local prefix = dir:sub(1, 1) == '/' and '/' or ''
@@ -362,10 +363,7 @@ function R.check(recipe, path)
     usage_error('recipe %s: name must be letters, digits, _ . or -', tostring(name))
   end
   check_fields(recipe, name)
-  local defaults = {}
-  for k, v in each(recipe.defaults) do defaults[k] = v end
-  local declared = {}
-  for k, t in each(recipe.types or {}) do declared[k] = t end
+  local defaults, declared = core.merge(recipe.defaults), core.merge(recipe.types or {})
   if defaults.seed == nil then defaults.seed = 0; declared.seed = declared.seed or 'integer' end
   local r = setmetatable({ name = name, path = path, description = recipe.description or '', defaults = defaults,
     types = declared, choices = recipe.choices or {}, help = recipe.help or {}, presets = recipe.presets or {},
@@ -646,8 +644,7 @@ local PROGRESS_INTERVAL = 10
 function Run:progress(p)
   if type(p) ~= 'table' then run_error('run:progress: expected a table, got %s', type(p)) end
   if T.is_tensor(p.loss) then
-    local copy = {}
-    for k, v in each(p) do copy[k] = v end
+    local copy = core.merge(p)
     copy.loss, p = p.loss:item(), copy
   end
   local now = clock()

@@ -2,7 +2,8 @@
 -- fixed sin-cos positions, patchify, the official initialization and the masked losses.
 -- Names and shapes are the official code's (github implus/UM-MAE), so state dicts match.
 local each = require 'tessera.each'
-local T = require 'tessera.core'.T
+local core = require 'tessera.core'
+local T = core.T
 local nn = T.nn
 
 local L = {}
@@ -32,12 +33,7 @@ function L.args(class, given, defaults)
 end
 
 -- A copy of `defaults` with `overrides` applied (factories build on the official configurations).
-function L.merge(defaults, overrides)
-  local out = {}
-  for k, v in each(defaults) do out[k] = v end
-  for k, v in each(overrides or {}) do out[k] = v end
-  return out
-end
+L.merge = core.merge
 
 function L.norm_eps(norm_layer)
   if type(norm_layer) == 'number' then return norm_layer end
