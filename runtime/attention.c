@@ -253,8 +253,8 @@ static int attention_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
     if (n->saved[i] && !(b[i] = ts_node_saved(n, i))) return ts_last_status();
   ts_tensor *q = b[0], *k = b[1], *v = b[2], *bias = b[3], *out = b[4], *lse = b[5];
   if (!q || !k || !v || !out || !lse) return ts_set_error(TS_ERR_ARG, "%s backward: saved tensors are missing", OP);
-  const ts_backend *be = ts_backend_for(q->device);
-  if (!be || TS_BACKEND_FN(be, attention_backward, OP, q->device)) return ts_last_status();
+  const ts_backend *be = TS_BACKEND(q->device, attention_backward, OP);
+  if (!be) return ts_last_status();
   ts_scope s = {0};
   ts_tensor *cast = ts_s_cast(&s, g, q->dtype);
   ts_tensor *dense = s.failed ? NULL : ts_scope_keep(&s, ts_contiguous(cast));
@@ -295,8 +295,8 @@ ts_tensor *ts_attention(ts_tensor *q, ts_tensor *k, ts_tensor *v, ts_tensor *bia
   if (check_tensor(q, "q", 2) || check_tensor(k, "k", 2) || check_tensor(v, "v", 2)) return NULL;
   if (check_dtypes(q, k, v, bias) || check_sizes(&s, q, k, v) || (bias && align_bias(&s, bias))) return NULL;
   if (isnan(scale)) scale = s.d > 0 ? 1.0 / sqrt((double)s.d) : 1.0; /* D = 0: the scores are 0, not 0·inf */
-  const ts_backend *be = ts_backend_for(q->device);
-  if (!be || TS_BACKEND_FN(be, attention, OP, q->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(q->device, attention, OP);
+  if (!be) return NULL;
   int compute = be->compute_dtype(q->dtype);
   int previous = ts_set_grad_enabled(0);
   attn_blocks b = {0};
@@ -449,8 +449,8 @@ static int packed_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
     if (n->saved[i] && !(b[i] = ts_node_saved(n, i))) return ts_last_status();
   ts_tensor *q = b[0], *kv = b[1], *bias = b[2], *out = b[3], *lse = b[4];
   if (!q || !out || !lse) return ts_set_error(TS_ERR_ARG, "%s backward: saved tensors are missing", PACKED);
-  const ts_backend *be = ts_backend_for(q->device);
-  if (!be || TS_BACKEND_FN(be, attention_views_backward, PACKED, q->device)) return ts_last_status();
+  const ts_backend *be = TS_BACKEND(q->device, attention_views_backward, PACKED);
+  if (!be) return ts_last_status();
   packed_shape ps;
   shape_of_node(n, q, kv, &ps);
   ts_scope s = {0};

@@ -11,6 +11,8 @@
 
 #include "internal.h"
 
+#include <stddef.h>
+
 typedef enum ts_random_kind { TS_RAND_UNIFORM = 0, TS_RAND_NORMAL, TS_RAND_BERNOULLI, TS_RAND_RANDINT } ts_random_kind;
 
 typedef struct ts_backend {
@@ -222,10 +224,12 @@ extern const ts_backend ts_cuda_backend;
 /* The backend for a device, or NULL with an error set (no CUDA build, no GPU, bad index). */
 const ts_backend *ts_backend_for(ts_device dev);
 
+/* Sets "<op>: not implemented on <device>" and returns TS_ERR_UNSUPPORTED. */
+int ts_not_implemented(const char *op, ts_device dev);
 /* Looks up a backend entry, failing with "<op>: not implemented on <device>" when it is NULL. */
-#define TS_BACKEND_FN(be, field, opname, dev)                                                      \
-  ((be)->field ? 0                                                                                 \
-               : ts_set_error(TS_ERR_UNSUPPORTED, "%s: not implemented on %s", (opname),           \
-                              ts_device_str(dev)))
+#define TS_BACKEND_FN(be, field, opname, dev) ((be)->field ? 0 : ts_not_implemented((opname), (dev)))
+/* The backend for dev when it implements `field`, else NULL with the error set. */
+const ts_backend *ts_backend_with(ts_device dev, size_t entry_offset, const char *op);
+#define TS_BACKEND(dev, field, op) ts_backend_with((dev), offsetof(ts_backend, field), (op))
 
 #endif

@@ -133,8 +133,8 @@ static int conv2d_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
   int need_x = ts_node_needs_grad(n, 0), need_w = ts_node_needs_grad(n, 1);
   ts_tensor *x = need_w ? ts_node_saved(n, 0) : NULL, *w = need_x ? ts_node_saved(n, 1) : NULL;
   if ((need_w && !x) || (need_x && !w)) return ts_last_status();
-  const ts_backend *be = ts_backend_for(g->device);
-  if (!be || TS_BACKEND_FN(be, conv2d_backward, "conv2d backward", g->device)) return ts_last_status();
+  const ts_backend *be = TS_BACKEND(g->device, conv2d_backward, "conv2d backward");
+  if (!be) return ts_last_status();
   conv_params p = params_of(n);
   int compute = be->compute_dtype(g->dtype);
   ts_scope s = {0};
@@ -163,8 +163,8 @@ static ts_tensor *record(ts_tensor *x, ts_tensor *w, ts_tensor *b, const conv_pa
 static ts_tensor *conv2d_batched(ts_tensor *x, ts_tensor *w, ts_tensor *b, const conv_params *p) {
   int64_t shape[4];
   if (check_shapes(x, w, b, p) || output_shape(x, w, p, shape)) return NULL;
-  const ts_backend *be = ts_backend_for(x->device);
-  if (!be || TS_BACKEND_FN(be, conv2d, "conv2d", x->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(x->device, conv2d, "conv2d");
+  if (!be) return NULL;
   int previous = ts_set_grad_enabled(0);
   ts_tensor *out = conv_forward(be, x, w, b, p, shape);
   ts_set_grad_enabled(previous);

@@ -6,6 +6,19 @@
 int ts_cuda_available_devices(void); /* kernels/cuda/device.cu: device count, 0 without a driver */
 #endif
 
+int ts_not_implemented(const char *op, ts_device dev) {
+  return ts_set_error(TS_ERR_UNSUPPORTED, "%s: not implemented on %s", op, ts_device_str(dev));
+}
+
+const ts_backend *ts_backend_with(ts_device dev, size_t entry_offset, const char *op) {
+  const ts_backend *be = ts_backend_for(dev);
+  if (be && !*(void *const *)((const char *)be + entry_offset)) {
+    ts_not_implemented(op, dev);
+    return NULL;
+  }
+  return be;
+}
+
 const ts_backend *ts_backend_for(ts_device dev) {
   if (dev.type == TS_CPU) return &ts_cpu_backend;
   if (dev.type != TS_CUDA) {

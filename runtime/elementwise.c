@@ -133,8 +133,8 @@ static int unary_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
   int op = (int)n->i[0];
   ts_tensor *v = ts_node_saved(n, 0); /* x or y, see derivative_uses_output */
   if (!v) return ts_last_status();
-  const ts_backend *be = ts_backend_for(v->device);
-  if (!be || TS_BACKEND_FN(be, unary_backward, n->name, v->device)) return ts_last_status();
+  const ts_backend *be = TS_BACKEND(v->device, unary_backward, n->name);
+  if (!be) return ts_last_status();
   int compute = be->compute_dtype(v->dtype);
   ts_scope s = {0};
   ts_tensor *gk = ts_scope_keep(&s, ts_to_dtype(g, compute)), *vk = ts_scope_keep(&s, ts_to_dtype(v, compute));
@@ -248,8 +248,8 @@ static ts_tensor *unary_impl(int op, ts_tensor *a, ts_tensor *target) {
   if (check_op("unary", op, TS_NUM_UNARY_OPS)) return NULL;
   if (a->dtype == TS_BOOL && (op == TS_NEG || op == TS_SIGN || op == TS_SQUARE))
     return TS_FAIL_NULL(TS_ERR_DTYPE, "%s: not defined for bool tensors; use logical_not", name);
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, unary, name, a->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(a->device, unary, name);
+  if (!be) return NULL;
   int result = ts_unary_result_dtype(op, a->dtype);
   if (target && !can_cast(result, target->dtype))
     return TS_FAIL_NULL(TS_ERR_DTYPE, "%s_: result type %s can't be cast to the tensor's dtype %s", name,
@@ -297,8 +297,8 @@ static ts_tensor *binary_impl(int op, ts_tensor *a, int a_dtype, ts_tensor *b, i
   if (target && (ndim != target->ndim || ts_shape_numel(ndim, shape) != ts_numel(target)))
     return TS_FAIL_NULL(TS_ERR_SHAPE, "%s_: the result %s of broadcasting %s and %s does not fit the in-place tensor %s",
                         name, ts_shape_str(ndim, shape), ts_tshape(a), ts_tshape(b), ts_tshape(target));
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, binary, name, a->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(a->device, binary, name);
+  if (!be) return NULL;
   int result = ts_binary_result_dtype(op, a_dtype, b_dtype);
   if (target && !can_cast(result, target->dtype))
     return TS_FAIL_NULL(TS_ERR_DTYPE, "%s_: result type %s can't be cast to the tensor's dtype %s", name,
@@ -409,8 +409,8 @@ static ts_tensor *where_impl(ts_tensor *cond, ts_tensor *a, ts_tensor *b) {
   probe.ndim = ndim;
   for (int d = 0; d < ndim; d++) probe.shape[d] = shape[d];
   if (ts_broadcast_shapes("where", &probe, cond, &ndim, shape)) return NULL;
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, where, "where", a->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(a->device, where, "where");
+  if (!be) return NULL;
   int result = ts_promote_types(a->dtype, b->dtype), compute = be->compute_dtype(result);
   where_args args = {as_operand(cond, TS_BOOL, ndim, shape), as_operand(a, compute, ndim, shape),
                      as_operand(b, compute, ndim, shape)};
@@ -432,8 +432,8 @@ static int call_clamp(const ts_backend *be, ts_tensor *out, void *p) {
 static ts_tensor *clamp_impl(ts_tensor *a, double lo, double hi, int has_lo, int has_hi, ts_tensor *target) {
   if (!has_lo && !has_hi) return TS_FAIL_NULL(TS_ERR_ARG, "clamp: at least one of min and max must be given");
   if (a->dtype == TS_BOOL) return TS_FAIL_NULL(TS_ERR_DTYPE, "clamp: not defined for bool tensors");
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, clamp, "clamp", a->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(a->device, clamp, "clamp");
+  if (!be) return NULL;
   int compute = be->compute_dtype(a->dtype);
   clamp_args args = {ts_to_dtype(a, compute), lo, hi, has_lo, has_hi};
   if (!args.a) return NULL;

@@ -293,8 +293,8 @@ static ts_tensor *index_select_forward(ts_tensor *a, int dim, ts_tensor *index, 
   if (a->ndim == 0 && ts_numel(index) != 1)
     return TS_FAIL_NULL(TS_ERR_SHAPE, "index_select: a 0-d tensor takes exactly one index, got %lld",
                         (long long)ts_numel(index));
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, index_select, "index_select", a->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(a->device, index_select, "index_select");
+  if (!be) return NULL;
   int64_t n = ts_numel(index), shape[TS_MAX_DIMS];
   ts_tensor *flat = ts_reshape(index, 1, &n);
   ts_tensor *idx = flat ? checked_index("index_select", flat, d, dim_size(a, d)) : NULL;
@@ -355,8 +355,8 @@ static ts_tensor *gather_forward(ts_tensor *a, int dim, ts_tensor *index, int *w
   int d;
   if (ts_same_device("gather", a, index) || ts_wrap_dim("gather", dim, a->ndim, &d)) return NULL;
   if (check_index_dtype("gather", index) || check_index_fits("gather", a, d, index)) return NULL;
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, gather, "gather", a->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(a->device, gather, "gather");
+  if (!be) return NULL;
   ts_tensor *idx = checked_index("gather", index, d, dim_size(a, d));
   if (!idx) return NULL;
   ts_tensor *out = ts_empty(index->ndim, index->shape, a->dtype, a->device);
@@ -419,8 +419,8 @@ static int check_scatter(const char *op, ts_tensor *a, int dim, ts_tensor *index
 static int scatter_into(const char *op, ts_tensor *a, int dim, ts_tensor *index, ts_tensor *src, int mode) {
   int d;
   if (check_scatter(op, a, dim, index, src, mode, &d)) return ts_last_status();
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, scatter, op, a->device)) return ts_last_status();
+  const ts_backend *be = TS_BACKEND(a->device, scatter, op);
+  if (!be) return ts_last_status();
   ts_tensor *idx = checked_index(op, index, d, dim_size(a, d));
   if (!idx) return ts_last_status();
   int dtype = mode == TS_SCATTER_ADD ? be->compute_dtype(a->dtype) : a->dtype;
@@ -525,8 +525,8 @@ static int check_mask_fits(const char *op, const ts_tensor *a, const ts_tensor *
 }
 
 static int fill_masked(const char *op, ts_tensor *a, ts_tensor *mask, double value) {
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, masked_fill, op, a->device)) return ts_last_status();
+  const ts_backend *be = TS_BACKEND(a->device, masked_fill, op);
+  if (!be) return ts_last_status();
   ts_tensor *m = ts_expand(mask, a->ndim, a->shape);
   int st = m ? be->masked_fill(a, m, value) : ts_last_status();
   ts_release(m);
@@ -575,8 +575,8 @@ int ts_masked_fill_(ts_tensor *a, ts_tensor *mask, double value) {
 }
 
 ts_tensor *ts_nonzero(ts_tensor *a) {
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, nonzero, "nonzero", a->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(a->device, nonzero, "nonzero");
+  if (!be) return NULL;
   return be->nonzero(a);
 }
 
@@ -882,8 +882,8 @@ static int index_put_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
 
 /* ---- index and index_put_ -------------------------------------------------------------------- */
 ts_tensor *ts_index(ts_tensor *a, int n, ts_tensor *const *indices) {
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, index, "index", a->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(a->device, index, "index");
+  if (!be) return NULL;
   index_plan p;
   int previous = ts_set_grad_enabled(0);
   ts_tensor *out = plan_indices("index", a, n, indices, &p) ? NULL : index_planned(be, &p);
@@ -927,8 +927,8 @@ static ts_tensor *index_put_recorded(const ts_backend *be, ts_tensor *a, int n, 
 int ts_index_put_(ts_tensor *a, int n, ts_tensor *const *indices, ts_tensor *values, int accumulate) {
   if (!values) return ts_set_error(TS_ERR_ARG, "index_put_: values is NULL");
   if (check_put("index_put_", a, values)) return ts_last_status();
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, index_put, "index_put_", a->device)) return ts_last_status();
+  const ts_backend *be = TS_BACKEND(a->device, index_put, "index_put_");
+  if (!be) return ts_last_status();
   if (ts_any_requires_grad(2, (ts_tensor *[]){a, values}))
     return ts_rebase_inplace(a, index_put_recorded(be, a, n, indices, values, accumulate));
   index_plan p;

@@ -187,8 +187,8 @@ static ts_tensor *matmul_forward(ts_tensor *a, ts_tensor *b) {
     return incompatible("matmul", a, b, ": both operands need at least 1 dim"), (ts_tensor *)NULL;
   matrix_dims ma = left_matrix(a), mb = right_matrix(b);
   if (ma.cols != mb.rows) return incompatible("matmul", a, b, ""), (ts_tensor *)NULL;
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, bmm, "matmul", a->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(a->device, bmm, "matmul");
+  if (!be) return NULL;
 
   batch_plan plan;
   int64_t shape[TS_MAX_DIMS];
@@ -219,8 +219,8 @@ static ts_tensor *bmm_forward(ts_tensor *a, ts_tensor *b) {
   int compute = product_dtype(a);
   if (compute < 0) return NULL;
   if (compute != a->dtype) return via_compute_dtype(bmm_forward, a, b, compute);
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, bmm, "bmm", a->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(a->device, bmm, "bmm");
+  if (!be) return NULL;
   int64_t shape[3] = {a->shape[0], a->shape[1], b->shape[2]};
   ts_tensor *out = ts_empty(3, shape, a->dtype, a->device);
   if (out && ts_numel(out) > 0 && be->bmm(out, a, b)) {

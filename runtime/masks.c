@@ -144,8 +144,8 @@ static ts_tensor *group_mask(int kind, int64_t n, int64_t h, int64_t w, double r
   if (h % 2 || w % 2)
     return TS_FAIL_NULL(TS_ERR_SHAPE, "%s: the %lld x %lld patch grid must have even sides to split into 2x2 groups",
                         op, (long long)h, (long long)w);
-  const ts_backend *be = ts_backend_for(dev);
-  if (!be || TS_BACKEND_FN(be, group_mask, op, dev)) return NULL;
+  const ts_backend *be = TS_BACKEND(dev, group_mask, op);
+  if (!be) return NULL;
   int per_group = kind == TS_MASK_UNIFORM;
   /* the official pool: four candidates at a time until it holds at least two per group */
   int64_t groups = (h / 2) * (w / 2), per_position = per_group ? h * w / 8 + (h * w % 8 != 0) : 0;
@@ -446,8 +446,8 @@ static int compact_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
   ts_tensor *src = ts_node_saved(n, 0);
   if (!src) return ts_last_status();
   const ts_edge *e = ts_node_input(n, 0);
-  const ts_backend *be = ts_backend_for(g->device);
-  if (!be || TS_BACKEND_FN(be, uniform_compact_backward, "uniform_compact backward", g->device)) return ts_last_status();
+  const ts_backend *be = TS_BACKEND(g->device, uniform_compact_backward, "uniform_compact backward");
+  if (!be) return ts_last_status();
   ts_scope s = {0};
   ts_tensor *cast = ts_s_cast(&s, g, e->dtype);
   ts_tensor *gc = s.failed ? NULL : ts_scope_keep(&s, ts_contiguous(cast));
@@ -460,8 +460,8 @@ static int compact_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
 ts_tensor *ts_uniform_compact(ts_tensor *x, ts_tensor *mask, int64_t patch_tokens) {
   const char *op = "uniform_compact";
   if (check_compact(op, x, mask, patch_tokens)) return NULL;
-  const ts_backend *be = ts_backend_for(x->device);
-  if (!be || TS_BACKEND_FN(be, uniform_compact, op, x->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(x->device, uniform_compact, op);
+  if (!be) return NULL;
   int64_t p = patch_tokens, shape[4] = {x->shape[0], x->shape[1] / 2, x->shape[2] / 2, x->shape[3]};
   int previous = ts_set_grad_enabled(0);
   ts_tensor *src = kept_patches(op, mask, x->shape[1] / p, x->shape[2] / p, x->device);

@@ -51,16 +51,6 @@ ts_tensor *ts_nn_dense_as(ts_tensor *t, int dtype, int ndim, const int64_t *shap
   return v;
 }
 
-const ts_backend *ts_nn_backend(const ts_tensor *t, size_t entry_offset, const char *op) {
-  const ts_backend *be = ts_backend_for(t->device);
-  if (!be) return NULL;
-  if (!*(void *const *)((const char *)be + entry_offset)) {
-    ts_set_error(TS_ERR_UNSUPPORTED, "%s: not implemented on %s", op, ts_device_str(t->device));
-    return NULL;
-  }
-  return be;
-}
-
 int ts_nn_check_floating(const char *op, const char *what, const ts_tensor *t) {
   if (!t) return ts_set_error(TS_ERR_ARG, "%s: %s is NULL", op, what);
   if (!ts_dtype_is_floating(t->dtype))

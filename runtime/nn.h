@@ -6,12 +6,8 @@
 #include "autograd.h"
 #include "backend.h"
 
-#include <stddef.h>
-
-/* The backend of t's device when it implements the entry at entry_offset, else NULL with the
-   error "<op>: not implemented on <device>" set. */
-const ts_backend *ts_nn_backend(const ts_tensor *t, size_t entry_offset, const char *op);
-#define TS_NN_BACKEND(t, field, op) ts_nn_backend((t), offsetof(ts_backend, field), (op))
+/* The backend of t's device when it implements `field` (TS_BACKEND). */
+#define TS_NN_BACKEND(t, field, op) TS_BACKEND((t)->device, field, (op))
 /* Fails unless t is a floating-point tensor (what names it: "input", "weight", ...). */
 int ts_nn_check_floating(const char *op, const char *what, const ts_tensor *t);
 

@@ -165,10 +165,7 @@ static int batch_close(batch *b, int status) {
 }
 
 /* The backend of the batch's device when it implements `field`, else NULL with an error set. */
-#define BATCH_BACKEND(be, b, field)                                                                \
-  (((be) = ts_backend_for((b)->device)) && !TS_BACKEND_FN((be), field, (b)->op, (b)->device)        \
-       ? (be)                                                                                      \
-       : NULL)
+#define BATCH_BACKEND(be, b, field) ((be) = TS_BACKEND((b)->device, field, (b)->op))
 
 /* ---- AdamW ----------------------------------------------------------------------------------- */
 static int check_adamw_entry(const char *op, int k, ts_tensor *const *params, ts_tensor *const *grads,

@@ -175,8 +175,8 @@ ts_tensor *ts_avg_pool2d(ts_tensor *x, int64_t kh, int64_t kw, int64_t sh, int64
   int64_t shape[4];
   if (check_input("avg_pool2d", x) || check_window("avg_pool2d", &p, 0) || output_shape("avg_pool2d", x, &p, shape))
     return NULL;
-  const ts_backend *be = ts_backend_for(x->device);
-  if (!be || TS_BACKEND_FN(be, avg_pool2d, "avg_pool2d", x->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(x->device, avg_pool2d, "avg_pool2d");
+  if (!be) return NULL;
   ts_tensor *out = pool_forward(be, POOL_AVG, x, &p, shape, NULL);
   return record("avg_pool2d", avg_pool2d_backward, x, &p, NULL, out);
 }
@@ -187,8 +187,8 @@ ts_tensor *ts_max_pool2d(ts_tensor *x, int64_t kh, int64_t kw, int64_t sh, int64
   int64_t shape[4];
   if (check_input("max_pool2d", x) || check_window("max_pool2d", &p, 1) || output_shape("max_pool2d", x, &p, shape))
     return NULL;
-  const ts_backend *be = ts_backend_for(x->device);
-  if (!be || TS_BACKEND_FN(be, max_pool2d, "max_pool2d", x->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(x->device, max_pool2d, "max_pool2d");
+  if (!be) return NULL;
   ts_tensor *indices = NULL;
   ts_tensor *out = pool_forward(be, POOL_MAX, x, &p, shape, &indices);
   out = record("max_pool2d", max_pool2d_backward, x, &p, indices, out);
@@ -201,8 +201,8 @@ ts_tensor *ts_adaptive_avg_pool2d(ts_tensor *x, int64_t out_h, int64_t out_w) {
   if (out_h <= 0 || out_w <= 0)
     return TS_FAIL_NULL(TS_ERR_ARG, "adaptive_avg_pool2d: output size must be positive, got (%lld, %lld)",
                         (long long)out_h, (long long)out_w);
-  const ts_backend *be = ts_backend_for(x->device);
-  if (!be || TS_BACKEND_FN(be, adaptive_avg_pool2d, "adaptive_avg_pool2d", x->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(x->device, adaptive_avg_pool2d, "adaptive_avg_pool2d");
+  if (!be) return NULL;
   int nd = x->ndim;
   int64_t shape[4] = {x->shape[0], x->shape[1], x->shape[2], x->shape[3]};
   shape[nd - 2] = out_h;

@@ -183,8 +183,8 @@ static int check_floating(const char *op, const ts_tensor *t) {
    temporary, so that element i of the draw is always t's i-th element in row-major order. The
    temporary comes first: a call that fails for memory (and is retried) has not moved the stream. */
 static int draw(const char *op, ts_tensor *t, int kind, double a, double b, ts_generator *g) {
-  const ts_backend *be = ts_backend_for(t->device);
-  if (!be || TS_BACKEND_FN(be, random, op, t->device)) return ts_last_status();
+  const ts_backend *be = TS_BACKEND(t->device, random, op);
+  if (!be) return ts_last_status();
   int64_t n = ts_numel(t);
   if (n == 0) return TS_OK;
   ts_tensor *tmp = NULL;

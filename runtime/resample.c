@@ -37,8 +37,8 @@ static int check_interpolate(const ts_tensor *x, int64_t out_h, int64_t out_w, i
 }
 
 static int interpolate_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
-  const ts_backend *be = ts_backend_for(g->device);
-  if (!be || TS_BACKEND_FN(be, interpolate_backward, "interpolate backward", g->device)) return ts_last_status();
+  const ts_backend *be = TS_BACKEND(g->device, interpolate_backward, "interpolate backward");
+  if (!be) return ts_last_status();
   const ts_edge *e = ts_node_input(n, 0);
   int compute = be->compute_dtype(g->dtype);
   double scale[2] = {n->d[0], n->d[1]};
@@ -54,8 +54,8 @@ ts_tensor *ts_interpolate(ts_tensor *x, int64_t out_h, int64_t out_w, int mode, 
                           double scale_w) {
   double scale[2] = {scale_h > 0 ? scale_h : 0, scale_w > 0 ? scale_w : 0};
   if (check_interpolate(x, out_h, out_w, mode, align_corners, scale)) return NULL;
-  const ts_backend *be = ts_backend_for(x->device);
-  if (!be || TS_BACKEND_FN(be, interpolate, "interpolate", x->device)) return NULL;
+  const ts_backend *be = TS_BACKEND(x->device, interpolate, "interpolate");
+  if (!be) return NULL;
   int previous = ts_set_grad_enabled(0), compute = be->compute_dtype(x->dtype);
   int64_t shape[4] = {x->shape[0], x->shape[1], out_h, out_w};
   ts_tensor *xc = ts_nn_dense(x, compute);

@@ -121,8 +121,8 @@ static int call_sort(const ts_backend *be, ts_tensor *values, ts_tensor *indices
 int ts_sort(ts_tensor *a, int dim, int descending, int stable, ts_tensor **values, ts_tensor **indices) {
   int d;
   if (check_outputs("sort", values, indices) || ts_wrap_dim("sort", dim, a->ndim, &d)) return ts_last_status();
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, sort, "sort", a->device)) return ts_last_status();
+  const ts_backend *be = TS_BACKEND(a->device, sort, "sort");
+  if (!be) return ts_last_status();
   int64_t n = a->ndim ? a->shape[d] : 1;
   sort_args args = {descending != 0, stable != 0};
   return run_rows_recorded("sort", a, d, n, call_sort, &args, values, indices);
@@ -142,8 +142,8 @@ int ts_topk(ts_tensor *a, int64_t k, int dim, int largest, int sorted, ts_tensor
   if (k < 0 || k > n)
     return ts_set_error(TS_ERR_INDEX, "topk: k %lld out of range for dim %d of size %lld (shape %s)", (long long)k, d,
                         (long long)n, ts_tshape(a));
-  const ts_backend *be = ts_backend_for(a->device);
-  if (!be || TS_BACKEND_FN(be, topk, "topk", a->device)) return ts_last_status();
+  const ts_backend *be = TS_BACKEND(a->device, topk, "topk");
+  if (!be) return ts_last_status();
   topk_args args = {k, largest != 0, sorted != 0};
   return run_rows_recorded("topk", a, d, k, call_topk, &args, values, indices);
 }
