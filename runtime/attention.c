@@ -197,15 +197,6 @@ static ts_tensor *result_of(const attn_shape *s, ts_tensor *blocks, int dtype) {
    bias has its own block along E dim d; d[0] = the scale. */
 enum { KEPT = 1 + TS_MAX_DIMS };
 
-/* Hands gradient t, viewed as `shape`, to input `input` (summed over its broadcast dims, cast). */
-static int give_grad(ts_node *n, int input, ts_tensor *t, int ndim, const int64_t *shape, ts_tensor **grads) {
-  if (!t) return TS_OK;
-  ts_tensor *view = ts_view(t, ndim, shape);
-  if (!view) return ts_last_status();
-  int st = ts_set_input_grad(n, input, view, grads);
-  ts_release(view);
-  return st;
-}
 
 /* A [heads, rows, cols] gradient handed back as [lead..., rows, cols]. */
 static int give_block_grad(ts_node *n, int input, ts_tensor *t, ts_tensor **grads) {
@@ -215,7 +206,7 @@ static int give_block_grad(ts_node *n, int input, ts_tensor *t, ts_tensor **grad
   for (int d = 0; d < nlead; d++) shape[d] = n->i[1 + d];
   shape[nlead] = t->shape[1];
   shape[nlead + 1] = t->shape[2];
-  return give_grad(n, input, t, nlead + 2, shape, grads);
+  return ts_set_input_grad_as(n, input, t, nlead + 2, shape, grads);
 }
 
 /* The bias gradient [E'..., Nq, Nk] handed back to input `input` with the bias's own leading dims. */
@@ -227,13 +218,7 @@ static int give_bias_grad(ts_node *n, int input, ts_tensor *t, ts_tensor **grads
   for (int d = 0; d < nlead; d++) shape[d] = e->shape[d];
   shape[nlead] = t->shape[t->ndim - 2];
   shape[nlead + 1] = t->shape[t->ndim - 1];
-  return give_grad(n, input, t, nlead + 2, shape, grads);
-}
-
-/* An uninitialised gradient shaped like saved block tensor `like`, when input `input` needs one. */
-static ts_tensor *grad_buffer(ts_scope *s, ts_node *n, int input, const ts_tensor *like) {
-  if (s->failed || !ts_node_needs_grad(n, input)) return NULL;
-  return ts_scope_keep(s, ts_empty(like->ndim, like->shape, like->dtype, like->device));
+  return ts_set_input_grad_as(n, input, t, nlead + 2, shape, grads);
 }
 
 /* The bias gradient buffer [E'..., Nq, Nk] when input `input` (the bias) needs one. */
@@ -259,7 +244,7 @@ static int attention_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
   ts_tensor *cast = ts_s_cast(&s, g, q->dtype);
   ts_tensor *dense = s.failed ? NULL : ts_scope_keep(&s, ts_contiguous(cast));
   ts_tensor *dout = s.failed ? NULL : ts_scope_keep(&s, ts_view(dense, 3, out->shape));
-  ts_tensor *dq = grad_buffer(&s, n, 0, q), *dk = grad_buffer(&s, n, 1, k), *dv = grad_buffer(&s, n, 2, v);
+  ts_tensor *dq = ts_s_grad_buffer(&s, n, 0, q), *dk = ts_s_grad_buffer(&s, n, 1, k), *dv = ts_s_grad_buffer(&s, n, 2, v);
   ts_tensor *dbias = bias_grad_buffer(&s, n, 3, bias);
   if (!s.failed && q->shape[0] > 0 &&
       be->attention_backward(dq, dk, dv, dbias, dout, q, k, v, bias, out, lse, n->d[0]))
@@ -456,7 +441,7 @@ static int packed_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
   ts_scope s = {0};
   ts_tensor *dense = ts_scope_keep(&s, ts_nn_dense(g, q->dtype));
   /* the packed gradients: dq (all of dqkv when packed) and dkv */
-  ts_tensor *dq = grad_buffer(&s, n, 0, q), *dkv = kv ? grad_buffer(&s, n, 1, kv) : NULL;
+  ts_tensor *dq = ts_s_grad_buffer(&s, n, 0, q), *dkv = ts_s_grad_buffer(&s, n, 1, kv);
   ts_tensor *dbias = bias_grad_buffer(&s, n, 2, bias);
   head_views v = {0}, dv = {0};
   ts_tensor *o4 = NULL, *do4 = NULL;

@@ -436,6 +436,20 @@ int ts_set_input_grad(ts_node *n, int input, ts_tensor *g, ts_tensor **grads) {
   return grads[input] ? TS_OK : ts_last_status();
 }
 
+int ts_set_input_grad_as(ts_node *n, int input, ts_tensor *g, int ndim, const int64_t *shape, ts_tensor **grads) {
+  if (!g) return TS_OK;
+  ts_tensor *view = ts_view(g, ndim, shape);
+  if (!view) return ts_last_status();
+  int st = ts_set_input_grad(n, input, view, grads);
+  ts_release(view);
+  return st;
+}
+
+ts_tensor *ts_s_grad_buffer(ts_scope *s, ts_node *n, int input, const ts_tensor *like) {
+  if (s->failed || !like || !ts_node_needs_grad(n, input)) return NULL;
+  return ts_scope_keep(s, ts_empty(like->ndim, like->shape, like->dtype, like->device));
+}
+
 ts_tensor *ts_s_cast(ts_scope *s, ts_tensor *a, int dtype) {
   if (s->failed || !a) return ts_scope_keep(s, NULL);
   return ts_scope_keep(s, ts_to_dtype(a, dtype));

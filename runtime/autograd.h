@@ -101,5 +101,10 @@ ts_tensor *ts_s_cast(ts_scope *s, ts_tensor *a, int dtype);
 ts_tensor *ts_s_where(ts_scope *s, ts_tensor *cond, ts_tensor *a, ts_tensor *b);
 /* Sets grads[input] to the gradient g reduced to that input's shape and dtype, if it needs one. */
 int ts_set_input_grad(ts_node *n, int input, ts_tensor *g, ts_tensor **grads);
+/* The same for g viewed as `shape` first (a kernel's flat or blocked buffer); g = NULL: nothing. */
+int ts_set_input_grad_as(ts_node *n, int input, ts_tensor *g, int ndim, const int64_t *shape, ts_tensor **grads);
+/* In a scope: an uninitialised gradient buffer shaped like `like` when input `input` needs one
+   (NULL when it does not, when like is NULL, or after a failed step). */
+ts_tensor *ts_s_grad_buffer(ts_scope *s, ts_node *n, int input, const ts_tensor *like);
 
 #endif

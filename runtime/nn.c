@@ -136,12 +136,10 @@ static int linear_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
   int st = gm && (xm || !x) && (wm || !w) && (gx || !need_x) && (gw || !need_w) && (gb || !need_b)
                ? be->linear_backward(gx, gw, gb, gm, xm, wm)
                : ts_last_status();
-  ts_tensor *gx_shaped = !st && gx ? ts_view(gx, ex->ndim, ex->shape) : NULL;
-  if (!st && gx && !gx_shaped) st = ts_last_status();
-  if (!st) st = ts_set_input_grad(n, 0, gx_shaped, grads);
+  if (!st) st = ts_set_input_grad_as(n, 0, gx, ex->ndim, ex->shape, grads);
   if (!st) st = ts_set_input_grad(n, 1, gw, grads);
   if (!st) st = ts_set_input_grad(n, 2, gb, grads);
-  ts_tensor *temps[] = {gm, xm, wm, gx, gw, gb, gx_shaped};
+  ts_tensor *temps[] = {gm, xm, wm, gx, gw, gb};
   for (size_t i = 0; i < sizeof temps / sizeof *temps; i++) ts_release(temps[i]);
   return st;
 }

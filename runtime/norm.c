@@ -87,12 +87,10 @@ static int norm_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
   ts_tensor *gb = grad_buffer(n, 2, eb->ndim, eb->shape, compute, &failed);
   int ready = xc && gc && (wc || !w) && !failed;
   int st = ready ? run_backward(be, n, gx, gw, gb, gc, xc, wc, mean, rstd) : ts_last_status();
-  ts_tensor *gx_shaped = !st && gx ? ts_view(gx, ex->ndim, ex->shape) : NULL;
-  if (!st && gx && !gx_shaped) st = ts_last_status();
-  if (!st) st = ts_set_input_grad(n, 0, gx_shaped, grads);
+  if (!st) st = ts_set_input_grad_as(n, 0, gx, ex->ndim, ex->shape, grads);
   if (!st) st = ts_set_input_grad(n, 1, gw, grads);
   if (!st) st = ts_set_input_grad(n, 2, gb, grads);
-  ts_tensor *temps[] = {xc, gc, wc, gx, gw, gb, gx_shaped};
+  ts_tensor *temps[] = {xc, gc, wc, gx, gw, gb};
   for (size_t i = 0; i < sizeof temps / sizeof *temps; i++) ts_release(temps[i]);
   return st;
 }

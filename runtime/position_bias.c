@@ -74,21 +74,10 @@ static int prepare(const pb_shape *s, int dtype, ts_tensor *pos, ts_tensor *w1, 
 }
 
 /* ---- autograd ---------------------------------------------------------------------------------- */
-/* A gradient buffer shaped like `like` (a prepared operand) when input `input` needs one. */
-static ts_tensor *grad_buffer(ts_scope *sc, ts_node *n, int input, const ts_tensor *like) {
-  if (sc->failed || !like || !ts_node_needs_grad(n, input)) return NULL;
-  return ts_scope_keep(sc, ts_empty(like->ndim, like->shape, like->dtype, like->device));
-}
-
 /* Hands gradient t to input `input`, viewed as that input's own shape (a weight may be 4-D). */
 static int give_grad(ts_node *n, int input, ts_tensor *t, ts_tensor **grads) {
-  if (!t) return TS_OK;
   const ts_edge *e = ts_node_input(n, input);
-  ts_tensor *view = ts_view(t, e->ndim, e->shape);
-  if (!view) return ts_last_status();
-  int st = ts_set_input_grad(n, input, view, grads);
-  ts_release(view);
-  return st;
+  return ts_set_input_grad_as(n, input, t, e->ndim, e->shape, grads);
 }
 
 static int position_bias_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
@@ -100,8 +89,8 @@ static int position_bias_backward(ts_node *n, ts_tensor *g, ts_tensor **grads) {
   ts_scope sc = {0};
   ts_tensor *dense = ts_scope_keep(&sc, ts_nn_dense(g, pos->dtype));
   int64_t b_shape[1] = {w2->shape[0]};
-  ts_tensor *gpos = grad_buffer(&sc, n, 0, pos), *gw1 = grad_buffer(&sc, n, 1, w1), *gb1 = grad_buffer(&sc, n, 2, b1);
-  ts_tensor *gw2 = grad_buffer(&sc, n, 3, w2), *gb2 = NULL;
+  ts_tensor *gpos = ts_s_grad_buffer(&sc, n, 0, pos), *gw1 = ts_s_grad_buffer(&sc, n, 1, w1), *gb1 = ts_s_grad_buffer(&sc, n, 2, b1);
+  ts_tensor *gw2 = ts_s_grad_buffer(&sc, n, 3, w2), *gb2 = NULL;
   if (!sc.failed && ts_node_needs_grad(n, 4)) gb2 = ts_scope_keep(&sc, ts_empty(1, b_shape, pos->dtype, pos->device));
   if (!sc.failed && ts_numel(dense) > 0 &&
       be->position_bias_backward(gpos, gw1, gb1, gw2, gb2, dense, pos, w1, b1, w2))
