@@ -251,7 +251,7 @@ static int bias_planes(const char *op, ts_tensor *out, const ts_tensor *b, bool 
   return cuda_dispatch_floating(op, out->dtype, [&](auto tag) -> int {
     constexpr int DT = decltype(tag)::value;
     bias_planes_kernel<DT><<<cuda_blocks(total), CUDA_THREADS, 0, stream>>>(
-        total, out->shape[2] * out->shape[3], out->shape[1], b ? cuda_data<DT>(b) : NULL, cuda_data<DT>(out), add);
+        total, out->shape[2] * out->shape[3], out->shape[1], cuda_data_or_null<DT>(b), cuda_data<DT>(out), add);
     return cuda_launched(op);
   });
 }

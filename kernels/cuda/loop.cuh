@@ -240,5 +240,7 @@ template <int K, typename F> int cuda_foreach(const char *op, const ts_tensor *c
 
 // Typed element 0 of a tensor (its device address).
 template <int DT> cuda_storage_t<DT> *cuda_data(const ts_tensor *t) { return (cuda_storage_t<DT> *)ts_elem_ptr(t); }
+// The same for an optional tensor: NULL when t is.
+template <int DT> cuda_storage_t<DT> *cuda_data_or_null(const ts_tensor *t) { return t ? cuda_data<DT>(t) : NULL; }
 
 #endif

@@ -17,8 +17,6 @@ constexpr int ROW_BLOCK = 256;    // threads of a block-per-row kernel
 constexpr int WARP_ROWS = 4;      // rows (warps) per block of a warp-per-row kernel
 constexpr int64_t WARP_ROW_LIMIT = 1024;
 
-static const void *data_or_null(const ts_tensor *t) { return t ? ts_elem_ptr(t) : NULL; }
-
 // Layer and group norm: the tensors share x's dtype, the statistics are in its accumulation type
 // (float32, or float64 for float64), as the runtime allocates them.
 static int check_norm_dtypes(const char *op, const ts_tensor *const *ts, int count, const ts_tensor *mean,
@@ -206,7 +204,7 @@ template <int DT> static row_args<DT> layer_norm_args(const ts_tensor *x, const 
   p.m = x->shape[0];
   p.n = x->shape[1];
   p.x = (const T *)ts_elem_ptr(x);
-  p.w = (const T *)data_or_null(w);
+  p.w = cuda_data_or_null<DT>(w);
   return p;
 }
 
@@ -222,7 +220,7 @@ extern "C" int cuda_layer_norm(ts_tensor *out, ts_tensor *mean, ts_tensor *rstd,
     constexpr int DT = decltype(tag)::value;
     using T = cuda_storage_t<DT>;
     row_args<DT> p = layer_norm_args<DT>(x, w);
-    p.b = (const T *)data_or_null(b);
+    p.b = cuda_data_or_null<DT>(b);
     p.out = cuda_data<DT>(out);
     p.mean = cuda_stats<DT>(mean);
     p.rstd = cuda_stats<DT>(rstd);
@@ -390,8 +388,8 @@ extern "C" int cuda_batch_norm_apply(ts_tensor *out, const ts_tensor *x, const t
     channel_args<DT> p = channel_layout<DT>(x);
     p.mean = cuda_data<DT>(mean);
     p.rstd = cuda_data<DT>(rstd);
-    p.w = (const T *)data_or_null(w);
-    p.b = (const T *)data_or_null(b);
+    p.w = cuda_data_or_null<DT>(w);
+    p.b = cuda_data_or_null<DT>(b);
     p.out = cuda_data<DT>(out);
     if (total <= (int64_t)UINT32_MAX)
       batch_apply_kernel<DT, uint32_t><<<cuda_blocks(total), CUDA_THREADS, 0, stream>>>((uint32_t)total, p);
@@ -472,7 +470,7 @@ extern "C" int cuda_batch_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor 
     using T = cuda_storage_t<DT>;
     channel_args<DT> p = channel_layout<DT>(x);
     p.g = cuda_data<DT>(g);
-    p.w = (const T *)data_or_null(w);
+    p.w = cuda_data_or_null<DT>(w);
     p.mean = cuda_data<DT>(mean);
     p.rstd = cuda_data<DT>(rstd);
     p.training = training;
@@ -550,7 +548,7 @@ template <int DT> static group_args<DT> group_layout(const ts_tensor *x, const t
   p.per_group = p.c / p.groups;
   p.len = p.per_group * p.s;
   p.x = cuda_data<DT>(x);
-  p.w = (const T *)data_or_null(w);
+  p.w = cuda_data_or_null<DT>(w);
   return p;
 }
 
@@ -566,7 +564,7 @@ extern "C" int cuda_group_norm(ts_tensor *out, ts_tensor *mean, ts_tensor *rstd,
     constexpr int DT = decltype(tag)::value;
     using T = cuda_storage_t<DT>;
     group_args<DT> p = group_layout<DT>(x, mean, w);
-    p.b = (const T *)data_or_null(b);
+    p.b = cuda_data_or_null<DT>(b);
     p.out = cuda_data<DT>(out);
     p.mean = cuda_stats<DT>(mean);
     p.rstd = cuda_stats<DT>(rstd);

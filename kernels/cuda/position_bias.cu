@@ -311,8 +311,8 @@ extern "C" int cuda_position_bias_backward(ts_tensor *gpos, ts_tensor *gw1, ts_t
     position_bias_backward_kernel<DT><<<(unsigned)blocks, threads, bytes, stream>>>(p);
     if (cuda_launched(op)) return ts_last_status();
     if (p.weights && K > 0) {
-      weight_grads<DT> grads = {{gw1 ? cuda_data<DT>(gw1) : NULL, gb1 ? cuda_data<DT>(gb1) : NULL,
-                                 gw2 ? cuda_data<DT>(gw2) : NULL, gb2 ? cuda_data<DT>(gb2) : NULL},
+      weight_grads<DT> grads = {{cuda_data_or_null<DT>(gw1), cuda_data_or_null<DT>(gb1), cuda_data_or_null<DT>(gw2),
+                                 cuda_data_or_null<DT>(gb2)},
                                 {p.hidden * p.channels, p.hidden, p.heads * p.hidden, p.heads}};
       position_bias_combine_kernel<DT><<<cuda_blocks(K), CUDA_THREADS, 0, stream>>>(K, blocks, p.partial, grads);
       if (cuda_launched(op)) return ts_last_status();

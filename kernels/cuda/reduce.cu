@@ -458,7 +458,7 @@ int launch_reduction(const char *name, ts_tensor *values, ts_tensor *indices, co
   acc *partials = NULL;
   if (p.slices > 1 && !(partials = (acc *)cuda_alloc((size_t)(p.slices * g.outputs) * sizeof(acc), device)))
     return ts_last_status();
-  emitter<DO, Op> emit = {values ? cuda_data<DO>(values) : NULL, indices ? (int64_t *)ts_elem_ptr(indices) : NULL,
+  emitter<DO, Op> emit = {cuda_data_or_null<DO>(values), indices ? (int64_t *)ts_elem_ptr(indices) : NULL,
                           partials, g.outputs};
   const cuda_storage_t<DI> *in = cuda_data<DI>(a);
   dim3 grid((unsigned)(p.tiles < CUDA_MAX_BLOCKS ? p.tiles : CUDA_MAX_BLOCKS), (unsigned)p.slices);
