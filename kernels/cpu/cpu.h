@@ -88,6 +88,10 @@ int cpu_masked_scale(ts_tensor *out, const ts_tensor *x, const ts_tensor *mask, 
 /* Splits `rows` rows of `cols` elements into a number of chunks that depends on the sizes only, so
    that partial sums combined in chunk order give the same result whatever the thread count. */
 int64_t cpu_row_chunks(int64_t rows, int64_t cols);
+/* dst[j] (float64 when f64, else float32) = the sum over chunks of partial[chunk * stride + offset + j],
+   in chunk order, for j < n. */
+void cpu_combine_chunks(void *dst, int f64, const double *partial, int64_t chunks, int64_t stride, int64_t offset,
+                        int64_t n);
 /* norm.c */
 int cpu_layer_norm(ts_tensor *out, ts_tensor *mean, ts_tensor *rstd, const ts_tensor *x, const ts_tensor *w,
                    const ts_tensor *b, double eps);

@@ -25,6 +25,15 @@ int64_t cpu_row_chunks(int64_t rows, int64_t cols) {
   return chunks < 1 ? 1 : chunks;
 }
 
+void cpu_combine_chunks(void *dst, int f64, const double *partial, int64_t chunks, int64_t stride, int64_t offset,
+                        int64_t n) {
+  for (int64_t j = 0; j < n; j++) {
+    double s = 0;
+    for (int64_t k = 0; k < chunks; k++) s += partial[k * stride + offset + j];
+    store(dst, j, s, f64);
+  }
+}
+
 /* ---- linear ---------------------------------------------------------------------------------- */
 /* A [rows, cols] operand as BLAS reads it (the runtime guarantees one of the two layouts). */
 typedef struct {
@@ -119,11 +128,7 @@ static int column_sums(ts_tensor *gb, const ts_tensor *g) {
   c.partial = malloc((size_t)(c.chunks * c.cols) * sizeof(double) + 1);
   if (!c.partial) return ts_set_error(TS_ERR_MEMORY, "linear backward: out of host memory");
   ts_parallel_for(c.chunks, 1, column_sum_range, &c);
-  for (int64_t j = 0; j < c.cols; j++) {
-    double s = 0;
-    for (int64_t chunk = 0; chunk < c.chunks; chunk++) s += c.partial[chunk * c.cols + j];
-    store(ts_elem_ptr(gb), j, s, c.f64);
-  }
+  cpu_combine_chunks(ts_elem_ptr(gb), c.f64, c.partial, c.chunks, c.cols, 0, c.cols);
   free(c.partial);
   return TS_OK;
 }

@@ -145,16 +145,6 @@ static void layer_norm_backward_f64(int64_t begin, int64_t end, void *arg) {
   for (int64_t k = begin; k < end; k++) layer_norm_backward_chunk(arg, k, 1);
 }
 
-/* dst[j] = sum over chunks of partial[chunk * stride + offset + j], in chunk order. */
-static void combine_partials(void *dst, int f64, const double *partial, int64_t chunks, int64_t stride,
-                             int64_t offset, int64_t n) {
-  for (int64_t j = 0; j < n; j++) {
-    double s = 0;
-    for (int64_t k = 0; k < chunks; k++) s += partial[k * stride + offset + j];
-    store(dst, j, s, f64);
-  }
-}
-
 int cpu_layer_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const ts_tensor *g, const ts_tensor *x,
                             const ts_tensor *w, const ts_tensor *mean, const ts_tensor *rstd) {
   int f64 = g->dtype == TS_F64;
@@ -167,8 +157,8 @@ int cpu_layer_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const t
     if (!c.partial) return ts_last_status();
   }
   ts_parallel_for(c.chunks, 1, f64 ? layer_norm_backward_f64 : layer_norm_backward_f32, &c);
-  if (gw) combine_partials(ts_elem_ptr(gw), f64, c.partial, c.chunks, 2 * c.n, 0, c.n);
-  if (gb) combine_partials(ts_elem_ptr(gb), f64, c.partial, c.chunks, 2 * c.n, c.n, c.n);
+  if (gw) cpu_combine_chunks(ts_elem_ptr(gw), f64, c.partial, c.chunks, 2 * c.n, 0, c.n);
+  if (gb) cpu_combine_chunks(ts_elem_ptr(gb), f64, c.partial, c.chunks, 2 * c.n, c.n, c.n);
   free(c.partial);
   return TS_OK;
 }
@@ -292,8 +282,8 @@ int cpu_batch_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const t
       c.p1[ch] = sg;
       c.p2[ch] = sgx;
     }
-    if (gw) combine_partials(ts_elem_ptr(gw), f64, c.p2, 1, 0, 0, c.c);
-    if (gb) combine_partials(ts_elem_ptr(gb), f64, c.p1, 1, 0, 0, c.c);
+    if (gw) cpu_combine_chunks(ts_elem_ptr(gw), f64, c.p2, 1, 0, 0, c.c);
+    if (gb) cpu_combine_chunks(ts_elem_ptr(gb), f64, c.p1, 1, 0, 0, c.c);
   }
   if (gx) run_planes(&c, f64, grad_input_f32, grad_input_f64);
   free(c.p1);
@@ -386,8 +376,8 @@ int cpu_group_norm_backward(ts_tensor *gx, ts_tensor *gw, ts_tensor *gb, const t
   ts_parallel_for(c.n * c.groups, grain_for(c.per_group * c.s), f64 ? group_backward_rows_f64 : group_backward_rows_f32,
                   &c);
   /* gw, gb: the (n, c) sums over samples, in sample order */
-  if (gw) combine_partials(ts_elem_ptr(gw), f64, c.pgx, c.n, c.c, 0, c.c);
-  if (gb) combine_partials(ts_elem_ptr(gb), f64, c.pg, c.n, c.c, 0, c.c);
+  if (gw) cpu_combine_chunks(ts_elem_ptr(gw), f64, c.pgx, c.n, c.c, 0, c.c);
+  if (gb) cpu_combine_chunks(ts_elem_ptr(gb), f64, c.pg, c.n, c.c, 0, c.c);
   free(c.pg);
   free(c.pgx);
   return TS_OK;

@@ -301,17 +301,11 @@ int cpu_position_bias(ts_tensor *out, const ts_tensor *pos, const ts_tensor *w1,
 /* Writes the chunks' float64 sums, added in chunk order, into the weight gradients that are wanted
    (w1, b1, w2, b2 in turn). */
 static void store_sums(const pb_plan *p, ts_tensor *const outs[4], const int64_t counts[4]) {
-  int64_t count = sums_count(p), first = 0;
-  for (int k = 0; k < 4; first += counts[k], k++) {
-    for (int64_t e = first; outs[k] && e < first + counts[k]; e++) {
-      double s = 0;
-      for (int64_t c = 0; c < p->chunks; c++) s += p->partial[c * count + e];
-      if (outs[k]->dtype == TS_F32)
-        ((float *)ts_elem_ptr(outs[k]))[e - first] = (float)s;
-      else
-        ((double *)ts_elem_ptr(outs[k]))[e - first] = s;
-    }
-  }
+  int64_t first = 0;
+  for (int k = 0; k < 4; first += counts[k], k++)
+    if (outs[k])
+      cpu_combine_chunks(ts_elem_ptr(outs[k]), outs[k]->dtype == TS_F64, p->partial, p->chunks, sums_count(p), first,
+                         counts[k]);
 }
 
 int cpu_position_bias_backward(ts_tensor *gpos, ts_tensor *gw1, ts_tensor *gb1, ts_tensor *gw2, ts_tensor *gb2,
