@@ -227,11 +227,11 @@ void data_write_planes(const uint8_t *rgb, int64_t h, int64_t w, int flip, const
 }
 
 /* ---- crops of packed images ------------------------------------------------------------------------ */
-uint8_t *data_pack_crop(const uint8_t *pixels, int64_t width, int channels, const ts_data_crop *crop,
-                        data_scratch *s) {
+int data_pack_crop(const uint8_t *pixels, int64_t width, int channels, const ts_data_crop *crop, data_scratch *s,
+                   data_region *region) {
   int64_t ch = crop->height, cw = crop->width;
   uint8_t *out = data_grow(&s->decoded, &s->decoded_cap, (size_t)(ch * cw * 3) + 1);
-  if (!out) return NULL;
+  if (!out) return -1;
   for (int64_t y = 0; y < ch; y++) {
     const uint8_t *in = pixels + ((crop->top + y) * width + crop->left) * channels;
     uint8_t *o = out + y * cw * 3;
@@ -245,7 +245,8 @@ uint8_t *data_pack_crop(const uint8_t *pixels, int64_t width, int channels, cons
       o[2] = in[channels >= 3 ? 2 : 0];
     }
   }
-  return out;
+  *region = (data_region){{out, ch, cw, cw * 3}, {0, 0, (float)cw, (float)ch}};
+  return 0;
 }
 
 /* ---- public entry points --------------------------------------------------------------------------- */
@@ -316,10 +317,9 @@ ts_tensor *ts_data_resized_crop(ts_tensor *img, const ts_data_crop *crop, int64_
   data_scratch s = {0};
   char msg[DATA_MESSAGE_BYTES];
   int channels = img->ndim == 3 ? (int)img->shape[2] : 1;
-  uint8_t *packed = data_pack_crop(ts_data_ptr(src), src->shape[1], channels, crop, &s);
-  data_rgb rgb = {packed, crop->height, crop->width, crop->width * 3};
-  float box[4] = {0, 0, (float)crop->width, (float)crop->height};
-  int st = packed ? data_resample(&rgb, box, out_h, out_w, &s, msg) : -1;
+  data_region region;
+  int packed = !data_pack_crop(ts_data_ptr(src), src->shape[1], channels, crop, &s, &region);
+  int st = packed ? data_resample(&region.rgb, region.box, out_h, out_w, &s, msg) : -1;
   if (!packed) snprintf(msg, sizeof msg, "out of host memory for the crop");
   if (!st) {
     float lut[3][256];

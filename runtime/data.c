@@ -448,15 +448,10 @@ static int sample_region(const ts_data_dataset *d, int64_t i, const crop_choice 
   if (d->kind == TS_DATA_IDX) {
     choose_crop(d->height, d->width, (void *)choice, crop);
     const uint8_t *gray = d->pixels + i * d->height * d->width;
-    uint8_t *packed = data_pack_crop(gray, d->width, 1, crop, s);
-    if (!packed) {
+    if (data_pack_crop(gray, d->width, 1, crop, s, region)) {
       snprintf(msg, DATA_MESSAGE_BYTES, "out of host memory");
       return -1;
     }
-    region->rgb = (data_rgb){packed, crop->height, crop->width, crop->width * 3};
-    region->box[0] = region->box[1] = 0;
-    region->box[2] = (float)crop->width;
-    region->box[3] = (float)crop->height;
     return 0;
   }
   const char *path = ts_data_path(d, i);

@@ -92,8 +92,9 @@ void data_normalize_table(int normalize, const double mean[3], const double std[
 /* Packed RGB [h, w, 3] to planes [3, h, w] through lut, mirrored left-right when flip. */
 void data_write_planes(const uint8_t *rgb, int64_t h, int64_t w, int flip, const float lut[3][256], float *out);
 /* The crop of packed pixels (1 = gray, 3 = RGB, 4 = RGBA; `width` pixels a row) as packed RGB in
-   s->decoded; NULL when out of memory. */
-uint8_t *data_pack_crop(const uint8_t *pixels, int64_t width, int channels, const ts_data_crop *crop, data_scratch *s);
+   s->decoded, handed over as a region whose box is the whole crop; 0, or -1 when out of memory. */
+int data_pack_crop(const uint8_t *pixels, int64_t width, int channels, const ts_data_crop *crop, data_scratch *s,
+                   data_region *region);
 /* Validate RandomResizedCrop's ranges and the flip probability, and mean/std when normalize (they
    set the thread's error). */
 int data_check_ranges(const char *op, const double *scale, const double *ratio, double hflip);

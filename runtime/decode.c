@@ -241,17 +241,13 @@ static int decode_png(const char *path, data_crop_chooser choose, void *ctx, ts_
   int64_t h = img->shape[0], w = img->shape[1];
   choose(h, w, ctx, crop);
   int64_t ch = crop->height, cw = crop->width;
-  uint8_t *out = ch * cw <= DATA_MAX_REGION_PIXELS ? data_pack_crop(ts_data_ptr(img), w, (int)img->shape[2], crop, s)
-                                                   : NULL;
+  int failed = ch * cw > DATA_MAX_REGION_PIXELS ||
+               data_pack_crop(ts_data_ptr(img), w, (int)img->shape[2], crop, s, region);
   ts_release(img);
-  if (!out) {
+  if (failed) {
     snprintf(msg, DATA_MESSAGE_BYTES, "out of memory for a %lldx%lld crop", (long long)cw, (long long)ch);
     return -1;
   }
-  region->rgb = (data_rgb){out, ch, cw, cw * 3};
-  region->box[0] = region->box[1] = 0;
-  region->box[2] = (float)cw;
-  region->box[3] = (float)ch;
   return 0;
 }
 
