@@ -30,8 +30,13 @@ local function keep_mask_bias(mask, q)
   return T.where(mask, T.full({}, 0, opts), T.full({}, -math.huge, opts))
 end
 
-local function bias_of(mask, q, what, op)
-  op = op or NAME
+-- opts.bias (or its alias opts.attn_mask) as an additive bias tensor of q's dtype, or nil.
+local function bias_of(opts, q, op)
+  if opts.bias ~= nil and opts.attn_mask ~= nil then
+    error(op .. ': give either bias or attn_mask (its alias), not both', 0)
+  end
+  local what = opts.bias ~= nil and 'bias' or 'attn_mask'
+  local mask = opts[what]
   if mask == nil then return nil end
   if not core.is_tensor(mask) then
     error(string.format('%s: %s must be a tensor, got %s', op, what, type(mask)), 0)
@@ -42,6 +47,15 @@ local function bias_of(mask, q, what, op)
     error(string.format('%s: %s must be a floating bias or a boolean keep-mask, got %s', op, what, dtype), 0)
   end
   return mask
+end
+
+-- opts.scale as the C calls take it: NaN for the default 1 / sqrt(head dim).
+local function scale_of(opts, op)
+  local scale = opts.scale
+  if scale ~= nil and type(scale) ~= 'number' then
+    error(string.format('%s: scale must be a number, got %s', op, type(scale)), 0)
+  end
+  return scale or 0 / 0
 end
 
 local function causal_bias(q, k)
@@ -59,24 +73,16 @@ function F.scaled_dot_product_attention(q, k, v, opts)
   end
   core.options(NAME, opts, VALID)
   local hq, hk, hv = handle(q, NAME), handle(k, NAME), handle(v, NAME)
-  if opts.bias ~= nil and opts.attn_mask ~= nil then
-    error(NAME .. ': give either bias or attn_mask (its alias), not both', 0)
-  end
   if opts.dropout_p ~= nil and opts.dropout_p ~= 0 then
     error(string.format('%s: dropout_p = %s is not supported by the fused kernel; pass 0 (timm models use 0 '
       .. 'attention dropout)', NAME, tostring(opts.dropout_p)), 0)
   end
-  local what = opts.bias ~= nil and 'bias' or 'attn_mask'
-  local bias = bias_of(opts.bias ~= nil and opts.bias or opts.attn_mask, q, what)
+  local bias = bias_of(opts, q, NAME)
   if opts.is_causal then
     if bias ~= nil then error(NAME .. ': is_causal cannot be combined with a bias or attn_mask', 0) end
     bias = causal_bias(q, k)
   end
-  local scale = opts.scale
-  if scale ~= nil and type(scale) ~= 'number' then
-    error(string.format('%s: scale must be a number, got %s', NAME, type(scale)), 0)
-  end
-  return wrap(C.ts_attention(hq, hk, hv, bias and handle(bias, NAME) or nil, scale or 0 / 0))
+  return wrap(C.ts_attention(hq, hk, hv, bias and handle(bias, NAME) or nil, scale_of(opts, NAME)))
 end
 
 -- T.F.packed_attention(qkv, num_heads, {bias =, scale =, kv =}) → [..., N, D]: multi-head attention
@@ -98,17 +104,9 @@ function F.packed_attention(qkv, num_heads, opts)
   core.options(PACKED_NAME, opts, PACKED_VALID)
   local hq = handle(qkv, PACKED_NAME)
   local heads = core.int(num_heads, PACKED_NAME .. ': num_heads')
-  if opts.bias ~= nil and opts.attn_mask ~= nil then
-    error(PACKED_NAME .. ': give either bias or attn_mask (its alias), not both', 0)
-  end
-  local what = opts.bias ~= nil and 'bias' or 'attn_mask'
-  local bias = bias_of(opts.bias ~= nil and opts.bias or opts.attn_mask, qkv, what, PACKED_NAME)
-  local scale = opts.scale
-  if scale ~= nil and type(scale) ~= 'number' then
-    error(string.format('%s: scale must be a number, got %s', PACKED_NAME, type(scale)), 0)
-  end
+  local bias, scale = bias_of(opts, qkv, PACKED_NAME), scale_of(opts, PACKED_NAME)
   local hkv = opts.kv ~= nil and handle(opts.kv, PACKED_NAME) or nil
-  return wrap(C.ts_attention_packed(hq, hkv, heads, bias and handle(bias, PACKED_NAME) or nil, scale or 0 / 0))
+  return wrap(C.ts_attention_packed(hq, hkv, heads, bias and handle(bias, PACKED_NAME) or nil, scale))
 end
 
 -- T.F.relative_position_bias(pos, w1, b1, w2, b2) → [W, H, N, N]: Swin's continuous relative
