@@ -21,18 +21,12 @@ local function setting(dtype)
   return id
 end
 
-local function restore(previous, ok, ...)
-  C.ts_set_autocast(previous)
-  if not ok then error((...), 0) end
-  return ...
-end
-
 function T.autocast(dtype, fn, ...)
   if dtype == nil then error("autocast: expected a dtype ('bfloat16', 'float16' or 'float32')", 2) end
   if type(fn) ~= 'function' then error('autocast: expected a function to run, got ' .. type(fn), 2) end
   local previous = C.ts_set_autocast(setting(dtype))
   if previous == -2 then core.raise() end
-  return restore(previous, pcall(fn, ...))
+  return core.restore_after(C.ts_set_autocast, previous, pcall(fn, ...))
 end
 
 function T.get_autocast()

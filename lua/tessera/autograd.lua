@@ -38,14 +38,8 @@ function Tensor.backward(t, grad, opts)
 end
 
 -- Runs fn(...) with grad mode set to `enabled`, restoring the previous mode even on error.
-local function restore(previous, ok, ...)
-  C.ts_set_grad_enabled(previous)
-  if not ok then error((...), 0) end
-  return ...
-end
-
 local function with_grad_mode(enabled, fn, ...)
-  return restore(C.ts_set_grad_enabled(enabled and 1 or 0), pcall(fn, ...))
+  return core.restore_after(C.ts_set_grad_enabled, C.ts_set_grad_enabled(enabled and 1 or 0), pcall(fn, ...))
 end
 
 function T.no_grad(fn, ...) return with_grad_mode(false, fn, ...) end

@@ -319,6 +319,14 @@ function core.merge(base, overrides)
   return out
 end
 
+-- For a setting that a region changes (grad mode, autocast): given what pcall(fn, ...) returned,
+-- puts the setting back with reset(previous), then returns fn's results or raises its error again.
+function core.restore_after(reset, previous, ok, ...)
+  reset(previous)
+  if not ok then error((...), 0) end
+  return ...
+end
+
 -- An error's message without the "file:line: " prefix that errors raised with a level carry.
 function core.bare_message(err) return (tostring(err):gsub('^[^\n:]+:%d+: ', '')) end
 
