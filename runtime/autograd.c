@@ -152,6 +152,13 @@ ts_tensor *ts_node_finish_saving(ts_node *n, ts_tensor *out, int count, ts_tenso
   return ts_node_finish(n, out);
 }
 
+int ts_node_finish_with_indices(ts_node *n, ts_tensor **values, ts_tensor **indices) {
+  if (ts_node_finish_saving(n, *values, 1, indices)) return TS_OK;
+  ts_release(*indices); /* the failed save released the values */
+  *values = *indices = NULL;
+  return ts_last_status();
+}
+
 void ts_bump_version(ts_tensor *t) { __atomic_add_fetch(&t->storage->version, 1, __ATOMIC_RELAXED); }
 
 int ts_check_inplace(const char *op, ts_tensor *t) {

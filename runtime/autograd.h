@@ -68,6 +68,9 @@ ts_tensor *ts_node_finish(ts_node *n, ts_tensor *out);
 /* ts_node_finish after saving `count` tensors (NULL entries: unused slots); a failed save releases
    n and out and returns NULL. */
 ts_tensor *ts_node_finish_saving(ts_node *n, ts_tensor *out, int count, ts_tensor *const *save);
+/* For an op with two results (sort, max along a dim): finishes n on *values with *indices saved. On
+   failure both results are released and set to NULL; returns a status. */
+int ts_node_finish_with_indices(ts_node *n, ts_tensor **values, ts_tensor **indices);
 void ts_node_release(ts_node *n);
 /* A fresh header over t's storage with no autograd state. */
 ts_tensor *ts_detached(ts_tensor *t);

@@ -469,8 +469,5 @@ int ts_max_dim(ts_tensor *a, int dim, int keepdim, int largest, ts_tensor **valu
   ts_wrap_dim("max", dim, a->ndim, &d);
   n->i[0] = d;
   n->i[1] = keepdim != 0;
-  if (ts_node_finish_saving(n, *values, 1, indices)) return TS_OK;
-  ts_release(*indices); /* the failed save released the values */
-  *values = *indices = NULL;
-  return ts_last_status();
+  return ts_node_finish_with_indices(n, values, indices);
 }

@@ -104,10 +104,7 @@ static int run_rows_recorded(const char *name, ts_tensor *a, int dim, int64_t ou
   ts_node *n = ts_grad_node(name, values_backward, 1, &a);
   if (!n) return TS_OK;
   n->i[0] = dim;
-  if (ts_node_finish_saving(n, *values, 1, indices)) return TS_OK;
-  ts_release(*indices); /* the failed save released the values */
-  *values = *indices = NULL;
-  return ts_last_status();
+  return ts_node_finish_with_indices(n, values, indices);
 }
 
 /* ---- sort and topk --------------------------------------------------------------------------- */
